@@ -1,0 +1,1 @@
+"""MNIST data for the three models: verified offline acquisition and fast in-memory loaders."""
