@@ -181,9 +181,13 @@ def save_figure(fig, stem):
 
 
 def image_grid(images, nrow, padding=2, pad_value=1.0):
-    """Tile images [N, H, W] or [N, 1, H, W] (values in [0, 1]) into one [rows*H, nrow*W] array."""
+    """Tile images [N, H, W], [N, 1, H, W] or flat square [N, H*W] (values in [0, 1]) into one
+    [rows*H, nrow*W] array."""
     images = torch.as_tensor(images).detach().float().cpu()
     n = images.shape[0]
+    if images.dim() == 2:
+        side = int(round(images.shape[1] ** 0.5))
+        images = images.reshape(n, side, side)
     h, w = images.shape[-2:]
     images = images.reshape(n, h, w)
     rows = -(-n // nrow)

@@ -1,0 +1,316 @@
+"""Part 2: a Generative Adversarial Network on MNIST (assignment questions 2.4-2.7).
+
+The generator and discriminator are the template's MLPs. The discriminator returns the probability of
+"real" from ``forward``; the losses use its logits, so log D and log(1 - D) are log-sigmoids and never
+log(0). Training follows the template: Adam(lr=2e-4, betas=(0.5, 0.999)) for both networks, batch 64,
+200 epochs over all 60,000 training images scaled to [-1, 1].
+
+    python a3_gan_template.py                 # full run into results/gan/
+    python a3_gan_template.py --resume        # continue an interrupted run (or redraw a finished one)
+"""
+
+import argparse
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import common
+from datasets.mnist import mnist_gan
+
+PROGRESS_EPOCHS = (1, 5, 10, 25, 50, 100, 150)  # plus the last: when to keep G for the metrics curve
+INTERPOLATION_PAIRS = ((1, 7), (3, 8), (0, 6), (4, 9), (2, 5), (5, 3))
+
+
+# ---------------------------------------------------------------- model
+
+class Generator(nn.Module):
+    """z [B, latent_dim] ~ N(0, I)  ->  image [B, 784] in [-1, 1]."""
+
+    def __init__(self, latent_dim=100):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 128), nn.LeakyReLU(0.2),
+            nn.Linear(128, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 512), nn.BatchNorm1d(512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 1024), nn.BatchNorm1d(1024), nn.LeakyReLU(0.2),
+            nn.Linear(1024, 784), nn.Tanh(),
+        )
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class Discriminator(nn.Module):
+    """image [B, 784] or [B, 1, 28, 28]  ->  D(x), the probability that x is real."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(784, 512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 1),
+        )
+
+    def logits(self, img):
+        return self.net(img.reshape(len(img), 784)).squeeze(1)
+
+    def forward(self, img):
+        return torch.sigmoid(self.logits(img))
+
+
+# ---------------------------------------------------------------- losses
+
+def discriminator_loss(real_logits, fake_logits):
+    """-[log D(x) + log(1 - D(G(z)))], the binary cross-entropy of real vs generated (eq. of Q2.2).
+
+    With D = sigmoid(l): -log D = softplus(-l) and -log(1 - D) = softplus(l).
+    """
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_loss(fake_logits):
+    """The non-saturating loss -log D(G(z)) (Q2.4): strong gradients when D rejects the fakes early
+    on, where the minimax loss log(1 - D(G(z))) saturates."""
+    return F.softplus(-fake_logits).mean()
+
+
+# ---------------------------------------------------------------- training
+
+def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epoch=0,
+          save_interval=None, interval_dir=None, fixed_z=None):
+    """One epoch over ``dataloader``; returns the mean D and G losses and mean D(x), D(G(z)).
+
+    Every ``save_interval`` batches (counted over the whole run) a 5x5 grid of G(fixed_z) goes to
+    ``interval_dir``. Statistics accumulate on the device and are read once per epoch.
+    """
+    device = next(generator.parameters()).device
+    generator.train()
+    discriminator.train()
+    totals = torch.zeros(4, device=device)
+    for i, (imgs, _) in enumerate(tqdm(dataloader, desc=f"epoch {epoch}", leave=False, disable=None)):
+        real = imgs.to(device, non_blocking=True).reshape(len(imgs), 784)
+        z = torch.randn(len(real), generator.latent_dim, device=device)
+        gen_imgs = generator(z)
+
+        # Generator step: make D call the fakes real.
+        fake_logits = discriminator.logits(gen_imgs)
+        loss_g = generator_loss(fake_logits)
+        optimizer_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        optimizer_G.step()
+
+        # Discriminator step, on the same fakes, detached so no gradient reaches G.
+        real_logits = discriminator.logits(real)
+        fake_logits = discriminator.logits(gen_imgs.detach())
+        loss_d = discriminator_loss(real_logits, fake_logits)
+        optimizer_D.zero_grad(set_to_none=True)
+        loss_d.backward()
+        optimizer_D.step()
+
+        with torch.no_grad():
+            totals += torch.stack([loss_d, loss_g, torch.sigmoid(real_logits).mean(),
+                                   torch.sigmoid(fake_logits).mean()])
+        batches_done = epoch * len(dataloader) + i
+        if save_interval and batches_done % save_interval == 0:
+            save_samples_png(generator, fixed_z, Path(interval_dir) / f"batch_{batches_done:06d}.png")
+    totals = (totals / len(dataloader)).tolist()
+    common.check_finite(torch.tensor(totals[:2]).sum(), f"epoch {epoch}")
+    return dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), totals, strict=True))
+
+
+# ---------------------------------------------------------------- sampling, interpolation, plots
+
+@torch.inference_mode()
+def generate(generator, z):
+    """G(z) mapped to [0, 1] as [B, 784] on the CPU, with BatchNorm in inference mode."""
+    was_training = generator.training
+    generator.eval()
+    images = (generator(z) + 1) / 2
+    generator.train(was_training)
+    return images.clamp_(0, 1).cpu()
+
+
+def save_samples_png(generator, z, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(generate(generator, z).reshape(-1, 1, 28, 28), path, nrow=5, padding=2, pad_value=1.0)
+
+
+def interpolate(z_start, z_end, steps=7):
+    """``steps`` latent vectors evenly between the two ends, with both ends: [steps + 2, latent_dim]."""
+    weights = torch.linspace(0, 1, steps + 2, device=z_start.device)[:, None]
+    return (1 - weights) * z_start + weights * z_end
+
+
+def find_digit_pairs(generator, classifier, device, pairs=INTERPOLATION_PAIRS, n_candidates=2000):
+    """For each digit pair (a, b), the latent vectors among ``n_candidates`` whose samples the
+    classifier finds most surely an a and a b. Returns (z_a, z_b, a, b, p_a, p_b) per pair."""
+    z = torch.randn(n_candidates, generator.latent_dim, device=device)
+    with torch.inference_mode():
+        probs = torch.softmax(classifier(generate(generator, z).to(device)), dim=1)
+    confidence, best = probs.max(0)
+    return [(z[best[a]], z[best[b]], a, b, confidence[a].item(), confidence[b].item()) for a, b in pairs]
+
+
+def save_interpolations(generator, classifier, out, device):
+    """Q2.7: one row of 9 images between two different digits, and a figure of several rows."""
+    pairs = find_digit_pairs(generator, classifier, device)
+    rows = [generate(generator, interpolate(z_a, z_b)) for z_a, z_b, *_ in pairs]
+    labels = [f"{a}→{b}" for _, _, a, b, _, _ in pairs]
+    common.save_image_grid(rows[0], out / "interpolation", nrow=9,
+                           title=f"Interpolation from a {labels[0][0]} to a {labels[0][-1]}, 7 steps")
+    common.save_image_grid(torch.cat(rows), out / "interpolations", nrow=9, row_labels=labels,
+                           title="Latent interpolations between samples of different digits")
+    return [{"digits": [a, b], "classifier_confidence": [p_a, p_b]} for _, _, a, b, p_a, p_b in pairs]
+
+
+def save_loss_plot(curves, stem):
+    """Per-epoch losses and the discriminator's mean outputs, side by side."""
+    epochs = range(1, len(curves["loss_d"]) + 1)
+    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_loss.plot(epochs, curves["loss_d"], label="discriminator  $-\\log D(x) - \\log(1-D(G(z)))$")
+    ax_loss.plot(epochs, curves["loss_g"], label="generator  $-\\log D(G(z))$")
+    ax_loss.set_ylabel("mean loss per batch")
+    ax_d.plot(epochs, curves["d_real"], label="$D(x)$, real")
+    ax_d.plot(epochs, curves["d_fake"], label="$D(G(z))$, generated")
+    ax_d.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    ax_d.set_ylabel("mean discriminator output")
+    for ax in (ax_loss, ax_d):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    common.save_figure(fig, stem)
+
+
+# ---------------------------------------------------------------- main
+
+def load_sampler(checkpoint_path, device="cpu"):
+    """For the evaluation package: ``sample(n)`` -> [n, 784] images in [0, 1] from the generator."""
+    payload = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    generator = Generator(payload["args"]["latent_dim"]).to(device)
+    generator.load_state_dict(payload["generator"])
+
+    def sample(n, seed=0):
+        z = torch.randn(n, generator.latent_dim, generator=torch.Generator().manual_seed(seed))
+        return torch.cat([generate(generator, chunk.to(device)) for chunk in z.split(1000)])
+
+    return sample
+
+
+def evaluate_progress(generator, snapshots, root, device):
+    """The evaluation package's metrics for the generator kept at each progress epoch."""
+    import evaluation
+
+    progress = []
+    current = {k: v.clone() for k, v in generator.state_dict().items()}
+    for epoch, state in sorted(snapshots.items()):
+        generator.load_state_dict(state)
+        z = torch.randn(10_000, generator.latent_dim, generator=torch.Generator().manual_seed(0))
+        images = torch.cat([generate(generator, chunk.to(device)) for chunk in z.split(1000)])
+        row = evaluation.evaluate_samples(images, root=root, device=device)
+        print(f"epoch {epoch}: FID {row['fid']:.2f}  score {row['score']:.2f}  "
+              f"Parzen {row['parzen_ll']:.1f}", flush=True)
+        progress.append({"epoch": epoch, **row})
+    generator.load_state_dict(current)
+    return progress
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_epochs", type=common.positive_int, default=200, help="number of epochs")
+    parser.add_argument("--batch_size", type=common.positive_int, default=64, help="batch size")
+    parser.add_argument("--lr", type=common.positive_float, default=0.0002, help="Adam learning rate")
+    parser.add_argument("--latent_dim", type=common.positive_int, default=100, help="dimension of z")
+    parser.add_argument("--save_interval", type=common.positive_int, default=500,
+                        help="save a 5x5 sample grid every this many batches")
+    return common.add_common_args(parser, out="results/gan").parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    root = common.data_root(args)
+    out = Path(args.out)
+    dataloader = mnist_gan(root, batch_size=args.batch_size)
+
+    generator = Generator(args.latent_dim).to(device)
+    discriminator = Discriminator().to(device)
+    optimizer_G = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=True)
+    optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=True)
+    fixed_z = torch.randn(25, args.latent_dim, device=device)
+    curves = {"loss_d": [], "loss_g": [], "d_real": [], "d_fake": [], "wall_time_s": []}
+    snapshots, stopwatch, start = {}, common.Stopwatch(), 0
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and checkpoint.exists():
+        state = common.load_checkpoint(checkpoint, device, generator=generator,
+                                       discriminator=discriminator, optimizer_G=optimizer_G,
+                                       optimizer_D=optimizer_D)
+        start, curves, snapshots = state["epoch"], state["curves"], state["snapshots"]
+        fixed_z = state["fixed_z"]
+        stopwatch = common.Stopwatch(state["stopwatch"])
+        print(f"resumed from {checkpoint} after epoch {start}")
+    info = common.run_info(args, device)
+    halfway = args.n_epochs // 2
+    if start == 0:
+        common.save_image_grid(generate(generator, fixed_z), out / "samples_start", nrow=5,
+                               title="Before training")
+
+    for epoch in range(start, args.n_epochs):
+        with stopwatch:
+            stats = train(dataloader, discriminator, generator, optimizer_G, optimizer_D, epoch=epoch,
+                          save_interval=args.save_interval, interval_dir=out / "intervals", fixed_z=fixed_z)
+        stopwatch.count(len(dataloader.dataset))
+        for key, value in stats.items():
+            curves[key].append(value)
+        curves["wall_time_s"].append(stopwatch.seconds)
+        done = epoch + 1
+        print(f"epoch {done}/{args.n_epochs}  loss D {stats['loss_d']:.3f}  G {stats['loss_g']:.3f}  "
+              f"D(x) {stats['d_real']:.3f}  D(G(z)) {stats['d_fake']:.3f}  "
+              f"{stopwatch.images_per_second:.0f} img/s", flush=True)
+        if done in PROGRESS_EPOCHS or done == args.n_epochs:
+            snapshots[done] = {k: v.detach().clone() for k, v in generator.state_dict().items()}
+        if done == halfway:
+            common.save_image_grid(generate(generator, fixed_z), out / "samples_halfway", nrow=5,
+                                   title=f"After {done} of {args.n_epochs} epochs")
+        common.save_checkpoint(checkpoint, generator=generator, discriminator=discriminator,
+                               optimizer_G=optimizer_G, optimizer_D=optimizer_D, epoch=done,
+                               curves=curves, snapshots=snapshots, fixed_z=fixed_z,
+                               stopwatch=stopwatch.state(), args=vars(args))
+
+    common.save_image_grid(generate(generator, fixed_z), out / "samples_end", nrow=5,
+                           title=f"After {args.n_epochs} epochs")
+    save_loss_plot(curves, out / "losses")
+    metrics = {
+        **info,
+        "n_params": sum(p.numel() for m in (generator, discriminator) for p in m.parameters()),
+        "n_params_generator": sum(p.numel() for p in generator.parameters()),
+        "epochs_completed": len(curves["loss_d"]),
+        "optimizer": f"Adam(lr={args.lr:g}, betas=(0.5, 0.999)) for G and D",
+        "curves": curves,
+        "wall_time_s": stopwatch.seconds,
+        "images_per_s": stopwatch.images_per_second,
+    }
+    try:
+        from evaluation.classifier import load_classifier
+    except ImportError:
+        print("evaluation package not available: skipping interpolation and metrics")
+    else:
+        classifier = load_classifier(root, device)
+        metrics["interpolation_digits"] = save_interpolations(generator, classifier, out, device)
+        metrics["progress"] = evaluate_progress(generator, snapshots, root, device)
+        metrics["evaluation"] = metrics["progress"][-1]
+    common.write_json(out / "metrics.json", metrics)
+    print(f"done: {stopwatch.seconds / 60:.1f} min of training, {stopwatch.images_per_second:.0f} img/s; "
+          f"outputs in {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Evaluate a trained model from its checkpoint, or write the comparison table.
+
+    python -m evaluation --model gan --checkpoint results/gan/checkpoint.pt
+    python -m evaluation --table
+    python -m evaluation --classifier
+
+The first draws samples through the script's ``load_sampler``, scores them with
+``evaluate_samples``, prints one line and writes evaluation.json beside the checkpoint. The second
+collects results/*/metrics.json and the (cached) real-data reference rows into
+results/comparison.md and results/comparison.json. The third trains the digit classifier behind
+the measures (or loads it from its cache) and prints its test accuracy; the others do this on
+first use too. Training takes minutes: wrap it in `flock /tmp/train.lock` on the shared machine.
+"""
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+import torch
+
+from common import DEFAULT_DATA_ROOT, get_device, positive_int, seed_everything, write_json
+from evaluation import evaluate_samples, reference_rows
+from evaluation.classifier import load_classifier
+from evaluation.table import write_table
+
+
+def summary(name, evaluation):
+    return (f"{name}: FID {evaluation['fid']:.2f} | score {evaluation['score']:.2f} | "
+            f"class KL {evaluation['class_kl_uniform']:.4f} | Parzen LL {evaluation['parzen_ll']:.1f} "
+            f"± {evaluation['parzen_se']:.1f} (sigma {evaluation['parzen_sigma']:.3f}) | "
+            f"{evaluation['n_samples']} samples")
+
+
+def evaluate_checkpoint(model, checkpoint, n_samples, root, device):
+    sampler = importlib.import_module(f"a3_{model}_template").load_sampler(checkpoint, device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        images = sampler(n_samples)
+    sampled = time.perf_counter()
+    evaluation = evaluate_samples(images, root, device)
+    timing = {"sampling_s": sampled - start, "scoring_s": time.perf_counter() - sampled}
+    write_json(Path(checkpoint).with_name("evaluation.json"),
+               {**evaluation, "model": model, "checkpoint": str(checkpoint), **timing})
+    print(summary(model, evaluation) + f" | sampled in {timing['sampling_s']:.0f} s, "
+          f"scored in {timing['scoring_s']:.0f} s")
+    return evaluation
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--model", choices=["vae", "gan", "nf"], help="which script's load_sampler to use")
+    action.add_argument("--table", action="store_true", help="write results/comparison.{md,json}")
+    action.add_argument("--classifier", action="store_true",
+                        help="train (or load) the digit classifier and print its test accuracy")
+    parser.add_argument("--checkpoint", help="checkpoint of the model to evaluate (with --model)")
+    parser.add_argument("--n-samples", type=positive_int, default=10_000)
+    parser.add_argument("--results", default="results",
+                        help="folder holding <run>/metrics.json (with --table)")
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
+    args = parser.parse_args(argv)
+    device = get_device(args.device)
+
+    if args.classifier:
+        classifier = load_classifier(args.data_root, device)
+        print(f"digit classifier {classifier.fingerprint}: test accuracy {classifier.test_accuracy:.2%}")
+        return
+    if args.table:
+        references = reference_rows(args.data_root, device, Path(args.results) / "reference.json")
+        write_table(args.results, references)
+        table = Path(args.results) / "comparison.md"
+        print(table.read_text() + f"\nwrote {table} and comparison.json")
+        return
+    if args.checkpoint is None:
+        parser.error("--model needs --checkpoint")
+    seed_everything(args.seed)
+    evaluate_checkpoint(args.model, args.checkpoint, args.n_samples, args.data_root, device)
+
+
+if __name__ == "__main__":
+    main()

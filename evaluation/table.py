@@ -1,0 +1,122 @@
+"""The closing comparison: every trained model in results/*/metrics.json next to real data.
+
+Writes ``comparison.md`` (for people) and ``comparison.json`` (for the report) into the results
+folder. A model's evaluation comes from its metrics.json or, when newer, from the evaluation.json
+that ``python -m evaluation --model ... --checkpoint ...`` wrote beside its checkpoint.
+"""
+
+import json
+from pathlib import Path
+
+from common import atomic_write, write_json
+
+MODEL_ORDER = ("vae", "vae_z2", "gan", "nf")
+LABELS = {"vae": "VAE", "vae_z2": "VAE (z=2)", "gan": "GAN", "nf": "RealNVP flow"}
+EVALUATION_KEYS = ("fid", "score", "class_fractions", "class_kl_uniform", "parzen_ll", "parzen_se",
+                   "parzen_sigma", "n_samples")
+COLUMNS = ("model", "FID ↓", "score ↑", "class KL ↓", "class % min/max", "Parzen LL ↑ (nats)",
+           "own likelihood", "params", "train time")
+NOTES = """\
+FID: Frechet distance between Gaussians fitted to the digit classifier's penultimate features of
+10,000 samples and of the 10,000 test images. Score: exp(E_x KL(p(y|x) || p(y))) with that
+classifier (1 to 10). Class KL: KL(class histogram of the samples || uniform) in nats, with the
+smallest and largest class share. Parzen LL: mean log-likelihood of the test images under Gaussian
+kernels on 10,000 samples, width chosen on training images 50,000-59,999 (Goodfellow et al., 2014;
+their GAN: 225 +- 2), +- standard error. Own likelihood: the VAE's negative ELBO and
+importance-sampled NLL on binarized MNIST, the flow's bits per dimension on dequantized MNIST;
+the two are on different data and not comparable with each other or with Parzen. The real-data row
+treats 10,000 training images as samples: the ceiling for score, coverage and Parzen, and its FID
+(training vs test images) is the floor that two finite real samples reach.
+"""
+
+
+def latest_evaluation(run_dir, metrics):
+    """The evaluation dict of a run: from metrics.json, or from evaluation.json if that is newer."""
+    separate = Path(run_dir) / "evaluation.json"
+    if separate.exists() and (not metrics.get("evaluation")
+                              or separate.stat().st_mtime > (Path(run_dir) / "metrics.json").stat().st_mtime):
+        return json.loads(separate.read_text())
+    return metrics.get("evaluation") or {}
+
+
+def model_row(run_dir):
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    evaluation = latest_evaluation(run_dir, metrics)
+    test = metrics.get("test") or {}
+    label = LABELS.get(run_dir.name, run_dir.name)
+    zdim = (metrics.get("args") or {}).get("zdim")
+    if run_dir.name == "vae" and zdim is not None:
+        label = f"VAE (z={zdim})"
+    return {
+        "name": run_dir.name,
+        "label": label,
+        "reference": False,
+        **{key: evaluation.get(key) for key in EVALUATION_KEYS},
+        **{key: test.get(key) for key in ("negative_elbo", "nll_importance", "importance_samples", "bpd")},
+        "n_params": metrics.get("n_params"),
+        "wall_time_s": metrics.get("wall_time_s"),
+    }
+
+
+def model_rows(results_dir):
+    """One row per results/<name>/metrics.json: the four assignment runs first, then any others."""
+    runs = [path.parent for path in Path(results_dir).glob("*/metrics.json")]
+    order = {name: i for i, name in enumerate(MODEL_ORDER)}
+    runs.sort(key=lambda run: (order.get(run.name, len(order)), run.name))
+    return [model_row(run) for run in runs]
+
+
+def _number(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+def own_likelihood(row):
+    if row.get("negative_elbo") is not None:
+        text = f"−ELBO {row['negative_elbo']:.2f} nats"
+        if row.get("nll_importance") is not None:
+            text += f", NLL {row['nll_importance']:.2f} nats (K={row.get('importance_samples')})"
+        return text
+    if row.get("bpd") is not None:
+        return f"{row['bpd']:.3f} bits/dim"
+    return "n/a"
+
+
+def markdown_cells(row):
+    fractions = row.get("class_fractions")
+    coverage = "n/a" if not fractions else f"{100 * min(fractions):.1f} / {100 * max(fractions):.1f}"
+    parzen = "n/a" if row.get("parzen_ll") is None else f"{row['parzen_ll']:.1f} ± {row['parzen_se']:.1f}"
+    seconds = row.get("wall_time_s")
+    return [
+        row["label"],
+        _number(row.get("fid"), ".2f"),
+        _number(row.get("score"), ".2f"),
+        _number(row.get("class_kl_uniform"), ".4f"),
+        coverage,
+        parzen,
+        own_likelihood(row),
+        _number(row.get("n_params"), ","),
+        "n/a" if seconds is None else f"{seconds / 60:.1f} min",
+    ]
+
+
+def to_markdown(rows, classifier_test_accuracy=None):
+    lines = ["# Model comparison", "",
+             "| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(markdown_cells(row)) + " |" for row in rows]
+    lines += ["", NOTES.replace("\n", " ").strip()]
+    if classifier_test_accuracy is not None:
+        lines += ["", f"Digit classifier test accuracy: {classifier_test_accuracy:.2%}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(results_dir, references):
+    """Write comparison.md and comparison.json into ``results_dir``; ``references`` is what
+    ``evaluation.reference_rows`` returns. Returns the rows."""
+    results_dir = Path(results_dir)
+    rows = model_rows(results_dir) + [{**row, "reference": True} for row in references["rows"]]
+    accuracy = references.get("classifier_test_accuracy")
+    atomic_write(results_dir / "comparison.md", lambda tmp: tmp.write_text(to_markdown(rows, accuracy)))
+    write_json(results_dir / "comparison.json", {"classifier_test_accuracy": accuracy, "rows": rows})
+    return rows
