@@ -105,9 +105,7 @@ def ensure_mnist(root, download=True, routes=None):
             try:
                 _install(fetch(tmp), dest, missing)
                 return dest
-            except ChecksumError:
-                raise
-            except Exception as error:  # noqa: BLE001 - every failure means: try the next route
+            except Exception as error:  # noqa: BLE001 - a failed or corrupt fetch: try the next route
                 tried.append(f"  - {label}: {type(error).__name__}: {error}")
     raise RuntimeError(
         "Could not obtain MNIST. Tried:\n" + "\n".join(tried) + "\n"
