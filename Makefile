@@ -38,3 +38,5 @@ results: results-vae results-gan results-nf
 
 bench: $(STAMP)
 	$(PY) benchmarks/loaders.py
+
+include report/report.mk

@@ -220,11 +220,14 @@ def save_image_grid(images, stem, nrow, title=None, row_labels=None):
     save_figure(fig, stem)
 
 
-def save_curves(curves, stem, ylabel, title=None, xlabel="epoch", start=0):
-    """Line plot of named per-epoch curves (x = start, start+1, ...), PNG and PDF."""
+def save_curves(curves, stem, ylabel, title=None, xlabel="epoch", start=0, references=None):
+    """Line plot of named per-epoch curves (x = start, start+1, ...), PNG and PDF, with optional
+    dashed horizontal reference levels given as {label: y}."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for label, values in curves.items():
         ax.plot(range(start, start + len(values)), values, label=label, marker="o", markersize=2.5)
+    for label, level in (references or {}).items():
+        ax.axhline(level, color="gray", linestyle="--", linewidth=1, label=f"{label} ({level:g})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
