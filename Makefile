@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# Run a training script and append its output to <out>/train.log: $(call train,script,out,flags)
+train = mkdir -p $(2) && $(PY) $(1) --resume --out $(2) $(3) 2>&1 | tee -a $(2)/train.log
 
-.PHONY: venv test lint results results-vae results-gan results-nf bench data
+.PHONY: venv test lint results results-vae results-gan results-nf classifier bench data
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,21 +26,28 @@ test: lint
 data: $(STAMP)
 	$(PY) -c "from datasets.raw import ensure_mnist; print(ensure_mnist('./data/'))"
 
+# The digit classifier behind FID, score and interpolation labels; cached under data/classifier/.
+classifier: $(STAMP)
+	$(PY) -m evaluation --classifier
+
 # Each run resumes from its last checkpoint if interrupted; rerunning a finished run only redraws
 # its figures and metrics.
-results-vae: $(STAMP)
-	$(PY) a3_vae_template.py --resume --out results/vae --zdim 20
-	$(PY) a3_vae_template.py --resume --out results/vae_z2 --zdim 2
+results-vae: classifier
+	$(call train,a3_vae_template.py,results/vae,--zdim 20)
+	$(call train,a3_vae_template.py,results/vae_z2,--zdim 2)
 
-results-gan: $(STAMP)
-	$(PY) a3_gan_template.py --resume --out results/gan
+results-gan: classifier
+	$(call train,a3_gan_template.py,results/gan)
 
-results-nf: $(STAMP)
-	$(PY) a3_nf_template.py --resume --out results/nf
+results-nf: classifier
+	$(call train,a3_nf_template.py,results/nf)
 
 results: results-vae results-gan results-nf
+	$(PY) -m evaluation --table
 
+# Run after `make results`: the time-to-quality rows read the runs' metrics.
 bench: $(STAMP)
 	$(PY) benchmarks/loaders.py
+	$(PY) benchmarks/train_speed.py --out results --results results
 
 include report/report.mk
