@@ -137,7 +137,7 @@ class Model(nn.Module):
 
     def forward(self, input, generator=None):
         """log p(x) per image of x = dequantize(input), input [B, 784] with values 0..255."""
-        ldj = torch.zeros(input.size(0), device=input.device)
+        ldj = input.new_zeros(input.size(0))
         z = self.dequantize(input, generator)
         z, ldj = self.logit_normalize(z, ldj)
         z, ldj = self.flow(z, ldj)
