@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -13,6 +14,16 @@ sys.path.insert(0, str(REPO))
 import datasets.raw  # noqa: E402
 
 N_FAKE_TRAIN, N_FAKE_TEST = 120, 30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: results don't depend on the machine's core count, and tests run
+    beside a training without fighting it for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_idx(path, array):

@@ -33,14 +33,6 @@ from evaluation.table import write_table
 TINY = ClassifierConfig(channels=(4, 8), hidden=16, epochs=2, batch_size=32, lr=1e-2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_orthogonal(dim, rng):
     q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
     return q

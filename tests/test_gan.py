@@ -16,14 +16,6 @@ import evaluation.classifier
 from datasets.loader import TensorLoader
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def real_images(n, seed=0):
     """Fake "real" images [n, 1, 28, 28] in [-1, 1], brighter towards the middle."""
     generator = torch.Generator().manual_seed(seed)

@@ -22,14 +22,6 @@ ALPHA = nf.Model.ALPHA
 COUPLING = nf.Coupling  # the script's class, kept before any test swaps in the small one
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SmallCoupling(COUPLING):
     """The script's coupling with a narrow network, so whole models are cheap to train and to
     differentiate; everything else (mask, tanh, zero init) is the script's own code."""

@@ -14,14 +14,6 @@ import a3_vae_template as vae
 from benchmarks import loaders, train_speed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fixed_batches(n, batch_size, low, high, seed=0, binary=False):
     """``n`` (images [B, 1, 28, 28], labels) batches, uniform in [low, high] (or 0/1 bits)."""
     generator = torch.Generator().manual_seed(seed)
