@@ -3,13 +3,17 @@
 The generator and discriminator are the template's MLPs. The discriminator returns the probability of
 "real" from ``forward``; the losses use its logits, so log D and log(1 - D) are log-sigmoids and never
 log(0). Training follows the template: Adam(lr=2e-4, betas=(0.5, 0.999)) for both networks, batch 64,
-200 epochs over all 60,000 training images scaled to [-1, 1].
+200 epochs over all 60,000 training images scaled to [-1, 1]. Two additions, both switchable, keep the
+end of training from drifting away from its best samples: the learning rates decay linearly to zero
+over the second half of training, and every sample is drawn from an exponential moving average of the
+generator's weights (Yazici et al., 2019), which smooths out the oscillation of adversarial training.
 
     python a3_gan_template.py                 # full run into results/gan/
     python a3_gan_template.py --resume        # continue an interrupted run (or redraw a finished one)
 """
 
 import argparse
+import copy
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -66,12 +70,15 @@ class Discriminator(nn.Module):
 
 # ---------------------------------------------------------------- losses
 
-def discriminator_loss(real_logits, fake_logits):
+def discriminator_loss(real_logits, fake_logits, real_label=1.0):
     """-[log D(x) + log(1 - D(G(z)))], the binary cross-entropy of real vs generated (eq. of Q2.2).
 
-    With D = sigmoid(l): -log D = softplus(-l) and -log(1 - D) = softplus(l).
+    With D = sigmoid(l): -log D = softplus(-l) and -log(1 - D) = softplus(l). A ``real_label`` below 1
+    is one-sided label smoothing (Salimans et al., 2016): the target for real images becomes
+    ``real_label``, which keeps D from growing overconfident.
     """
-    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    real_term = real_label * F.softplus(-real_logits) + (1 - real_label) * F.softplus(real_logits)
+    return real_term.mean() + F.softplus(fake_logits).mean()
 
 
 def generator_loss(fake_logits):
@@ -82,12 +89,25 @@ def generator_loss(fake_logits):
 
 # ---------------------------------------------------------------- training
 
+@torch.no_grad()
+def update_average(average, generator, decay):
+    """average <- decay * average + (1 - decay) * generator, weight by weight; BatchNorm statistics
+    are copied, as they already are running averages."""
+    for mean, param in zip(average.parameters(), generator.parameters(), strict=True):
+        mean.lerp_(param, 1 - decay)
+    for mean, buffer in zip(average.buffers(), generator.buffers(), strict=True):
+        mean.copy_(buffer)
+
+
 def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epoch=0,
-          save_interval=None, interval_dir=None, fixed_z=None):
+          save_interval=None, interval_dir=None, fixed_z=None, average=None, ema_decay=0.999,
+          real_label=1.0):
     """One epoch over ``dataloader``; returns the mean D and G losses and mean D(x), D(G(z)).
 
-    Every ``save_interval`` batches (counted over the whole run) a 5x5 grid of G(fixed_z) goes to
-    ``interval_dir``. Statistics accumulate on the device and are read once per epoch.
+    ``average``, if given, is a copy of the generator that tracks the moving average of its weights.
+    Every ``save_interval`` batches (counted over the whole run) a 5x5 grid of the average (or the
+    generator) at ``fixed_z`` goes to ``interval_dir``. Statistics accumulate on the device and are
+    read once per epoch.
     """
     device = next(generator.parameters()).device
     generator.train()
@@ -104,11 +124,13 @@ def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epo
         optimizer_G.zero_grad(set_to_none=True)
         loss_g.backward()
         optimizer_G.step()
+        if average is not None:
+            update_average(average, generator, ema_decay)
 
         # Discriminator step, on the same fakes, detached so no gradient reaches G.
         real_logits = discriminator.logits(real)
         fake_logits = discriminator.logits(gen_imgs.detach())
-        loss_d = discriminator_loss(real_logits, fake_logits)
+        loss_d = discriminator_loss(real_logits, fake_logits, real_label)
         optimizer_D.zero_grad(set_to_none=True)
         loss_d.backward()
         optimizer_D.step()
@@ -118,7 +140,8 @@ def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epo
                                    torch.sigmoid(fake_logits).mean()])
         batches_done = epoch * len(dataloader) + i
         if save_interval and batches_done % save_interval == 0:
-            save_samples_png(generator, fixed_z, Path(interval_dir) / f"batch_{batches_done:06d}.png")
+            save_samples_png(average or generator, fixed_z,
+                             Path(interval_dir) / f"batch_{batches_done:06d}.png")
     totals = (totals / len(dataloader)).tolist()
     common.check_finite(torch.tensor(totals[:2]).sum(), f"epoch {epoch}")
     return dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), totals, strict=True))
@@ -190,10 +213,11 @@ def save_loss_plot(curves, stem):
 # ---------------------------------------------------------------- main
 
 def load_sampler(checkpoint_path, device="cpu"):
-    """For the evaluation package: ``sample(n)`` -> [n, 784] images in [0, 1] from the generator."""
+    """For the evaluation package: ``sample(n)`` -> [n, 784] images in [0, 1] from the generator
+    that the run samples from (the weight average, when the run kept one)."""
     payload = torch.load(checkpoint_path, map_location=device, weights_only=False)
     generator = Generator(payload["args"]["latent_dim"]).to(device)
-    generator.load_state_dict(payload["generator"])
+    generator.load_state_dict(payload.get("generator_average") or payload["generator"])
 
     def sample(n, seed=0):
         z = torch.randn(n, generator.latent_dim, generator=torch.Generator().manual_seed(seed))
@@ -220,6 +244,13 @@ def evaluate_progress(generator, snapshots, root, device):
     return progress
 
 
+def unit_interval(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,6 +260,15 @@ def parse_args(argv=None):
     parser.add_argument("--latent_dim", type=common.positive_int, default=100, help="dimension of z")
     parser.add_argument("--save_interval", type=common.positive_int, default=500,
                         help="save a 5x5 sample grid every this many batches")
+    parser.add_argument("--lr_decay_start", type=unit_interval, default=0.5,
+                        help="fraction of training after which both learning rates decay linearly "
+                             "to 0 (1 = constant learning rate, as in the template)")
+    parser.add_argument("--ema", type=unit_interval, default=0.999,
+                        help="decay of the moving average of the generator's weights that samples "
+                             "are drawn from, per step (0 = sample from the generator itself)")
+    parser.add_argument("--real_label", type=unit_interval, default=1.0,
+                        help="target of the discriminator for real images (< 1: one-sided label "
+                             "smoothing)")
     return common.add_common_args(parser, out="results/gan").parse_args(argv)
 
 
@@ -244,6 +284,13 @@ def main(argv=None):
     discriminator = Discriminator().to(device)
     optimizer_G = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=True)
     optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=True)
+    decay_start = int(args.lr_decay_start * args.n_epochs)
+    lr_factor = lambda epoch: min(1.0, (args.n_epochs - epoch) / max(1, args.n_epochs - decay_start))
+    scheduler_G = torch.optim.lr_scheduler.LambdaLR(optimizer_G, lr_factor)
+    scheduler_D = torch.optim.lr_scheduler.LambdaLR(optimizer_D, lr_factor)
+    # What samples come from: the moving average of G's weights, or G itself.
+    average = copy.deepcopy(generator) if args.ema > 0 else None
+    sampler = average or generator
     fixed_z = torch.randn(25, args.latent_dim, device=device)
     curves = {"loss_d": [], "loss_g": [], "d_real": [], "d_fake": [], "wall_time_s": []}
     snapshots, stopwatch, start = {}, common.Stopwatch(), 0
@@ -251,7 +298,9 @@ def main(argv=None):
     if args.resume and checkpoint.exists():
         state = common.load_checkpoint(checkpoint, device, generator=generator,
                                        discriminator=discriminator, optimizer_G=optimizer_G,
-                                       optimizer_D=optimizer_D)
+                                       optimizer_D=optimizer_D, scheduler_G=scheduler_G,
+                                       scheduler_D=scheduler_D,
+                                       **({"generator_average": average} if average else {}))
         start, curves, snapshots = state["epoch"], state["curves"], state["snapshots"]
         fixed_z = state["fixed_z"]
         stopwatch = common.Stopwatch(state["stopwatch"])
@@ -259,13 +308,17 @@ def main(argv=None):
     info = common.run_info(args, device)
     halfway = args.n_epochs // 2
     if start == 0:
-        common.save_image_grid(generate(generator, fixed_z), out / "samples_start", nrow=5,
+        common.save_image_grid(generate(sampler, fixed_z), out / "samples_start", nrow=5,
                                title="Before training")
 
     for epoch in range(start, args.n_epochs):
         with stopwatch:
             stats = train(dataloader, discriminator, generator, optimizer_G, optimizer_D, epoch=epoch,
-                          save_interval=args.save_interval, interval_dir=out / "intervals", fixed_z=fixed_z)
+                          save_interval=args.save_interval, interval_dir=out / "intervals",
+                          fixed_z=fixed_z, average=average, ema_decay=args.ema,
+                          real_label=args.real_label)
+        scheduler_G.step()
+        scheduler_D.step()
         stopwatch.count(len(dataloader.dataset))
         for key, value in stats.items():
             curves[key].append(value)
@@ -275,16 +328,17 @@ def main(argv=None):
               f"D(x) {stats['d_real']:.3f}  D(G(z)) {stats['d_fake']:.3f}  "
               f"{stopwatch.images_per_second:.0f} img/s", flush=True)
         if done in PROGRESS_EPOCHS or done == args.n_epochs:
-            snapshots[done] = {k: v.detach().clone() for k, v in generator.state_dict().items()}
+            snapshots[done] = {k: v.detach().clone() for k, v in sampler.state_dict().items()}
         if done == halfway:
-            common.save_image_grid(generate(generator, fixed_z), out / "samples_halfway", nrow=5,
+            common.save_image_grid(generate(sampler, fixed_z), out / "samples_halfway", nrow=5,
                                    title=f"After {done} of {args.n_epochs} epochs")
         common.save_checkpoint(checkpoint, generator=generator, discriminator=discriminator,
-                               optimizer_G=optimizer_G, optimizer_D=optimizer_D, epoch=done,
+                               optimizer_G=optimizer_G, optimizer_D=optimizer_D, scheduler_G=scheduler_G,
+                               scheduler_D=scheduler_D, generator_average=average, epoch=done,
                                curves=curves, snapshots=snapshots, fixed_z=fixed_z,
                                stopwatch=stopwatch.state(), args=vars(args))
 
-    common.save_image_grid(generate(generator, fixed_z), out / "samples_end", nrow=5,
+    common.save_image_grid(generate(sampler, fixed_z), out / "samples_end", nrow=5,
                            title=f"After {args.n_epochs} epochs")
     save_loss_plot(curves, out / "losses")
     metrics = {
@@ -292,7 +346,8 @@ def main(argv=None):
         "n_params": sum(p.numel() for m in (generator, discriminator) for p in m.parameters()),
         "n_params_generator": sum(p.numel() for p in generator.parameters()),
         "epochs_completed": len(curves["loss_d"]),
-        "optimizer": f"Adam(lr={args.lr:g}, betas=(0.5, 0.999)) for G and D",
+        "optimizer": (f"Adam(lr={args.lr:g}, betas=(0.5, 0.999)) for G and D, linear decay to 0 from "
+                      f"epoch {decay_start}; samples from a weight average with decay {args.ema:g}"),
         "curves": curves,
         "wall_time_s": stopwatch.seconds,
         "images_per_s": stopwatch.images_per_second,
@@ -303,8 +358,8 @@ def main(argv=None):
         print("evaluation package not available: skipping interpolation and metrics")
     else:
         classifier = load_classifier(root, device)
-        metrics["interpolation_digits"] = save_interpolations(generator, classifier, out, device)
-        metrics["progress"] = evaluate_progress(generator, snapshots, root, device)
+        metrics["interpolation_digits"] = save_interpolations(sampler, classifier, out, device)
+        metrics["progress"] = evaluate_progress(sampler, snapshots, root, device)
         metrics["evaluation"] = metrics["progress"][-1]
     common.write_json(out / "metrics.json", metrics)
     print(f"done: {stopwatch.seconds / 60:.1f} min of training, {stopwatch.images_per_second:.0f} img/s; "
