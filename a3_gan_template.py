@@ -244,13 +244,6 @@ def evaluate_progress(generator, snapshots, root, device):
     return progress
 
 
-def unit_interval(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,13 +253,13 @@ def parse_args(argv=None):
     parser.add_argument("--latent_dim", type=common.positive_int, default=100, help="dimension of z")
     parser.add_argument("--save_interval", type=common.positive_int, default=500,
                         help="save a 5x5 sample grid every this many batches")
-    parser.add_argument("--lr_decay_start", type=unit_interval, default=0.5,
+    parser.add_argument("--lr_decay_start", type=common.unit_interval, default=0.5,
                         help="fraction of training after which both learning rates decay linearly "
                              "to 0 (1 = constant learning rate, as in the template)")
-    parser.add_argument("--ema", type=unit_interval, default=0.999,
+    parser.add_argument("--ema", type=common.unit_interval, default=0.999,
                         help="decay of the moving average of the generator's weights that samples "
                              "are drawn from, per step (0 = sample from the generator itself)")
-    parser.add_argument("--real_label", type=unit_interval, default=1.0,
+    parser.add_argument("--real_label", type=common.unit_interval, default=1.0,
                         help="target of the discriminator for real images (< 1: one-sided label "
                              "smoothing)")
     return common.add_common_args(parser, out="results/gan").parse_args(argv)

@@ -7,7 +7,10 @@ The defaults are the tuned setting behind the committed numbers: encoder and dec
 layers of 500 ReLU units, training images binarized afresh every epoch (dynamic binarization), Adam
 (learning rate 1e-3, batches of 128) with the learning rate decayed to zero along a half cosine, and the
 KL term warmed up linearly from 0 to 1 over the first 5 epochs. Validation and test use the fixed
-binarization of datasets.bmnist.
+binarization of datasets.bmnist. Measured with these defaults at z = 20: test negative ELBO 93.8 nats and
+importance-sampled negative log-likelihood 89.7 nats (K = 500), about 3.5 s per epoch on 2 CPU cores.
+In the tuning runs (40 epochs each; these defaults: 93.9 / 89.7 nats) one hidden layer gave 98.3 / 94.1,
+a fixed training binarization 95.2 / 90.7, no warm-up 95.6 / 92.1 and a constant learning rate 95.7 / 90.0.
 
 Everything lands in --out: ``checkpoint.pt`` (written after every epoch; ``--resume`` continues from it,
 and resuming a finished run only redraws the figures and metrics), ``train.log``, and as PNG + PDF: the
@@ -337,13 +340,6 @@ def save_manifold(model, stem, steps=20):
 
 # ---------------------------------------------------------------- main
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -354,7 +350,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=common.positive_float, default=1e-3,
                         help="Adam's initial learning rate, decayed to 0 along a half cosine")
     parser.add_argument("--batch-size", type=common.positive_int, default=128, help="training batch size")
-    parser.add_argument("--warmup-epochs", type=non_negative_int, default=5,
+    parser.add_argument("--warmup-epochs", type=common.non_negative_int, default=5,
                         help="epochs over which the KL term's weight rises linearly from 0 to 1")
     parser.add_argument("--importance-samples", type=common.positive_int, default=500,
                         help="K, samples of z per test image for the importance-sampled log-likelihood "
