@@ -143,13 +143,15 @@ def load_checkpoint(path, device="cpu", restore_rng=True, **stateful):
 
 
 def git_commit():
-    """The commit the code came from, with ``-dirty`` when the tree has uncommitted changes."""
+    """The commit the code came from, with ``-dirty`` when a tracked Python file or the requirements
+    have uncommitted changes (edits to the report or results don't change what a run computes)."""
     root = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py",
+                                "requirements.txt"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
