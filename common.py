@@ -143,15 +143,15 @@ def load_checkpoint(path, device="cpu", restore_rng=True, **stateful):
 
 
 def git_commit():
-    """The commit the code came from, with ``-dirty`` when a tracked Python file or the requirements
-    have uncommitted changes (edits to the report or results don't change what a run computes)."""
+    """The commit the code came from, with ``-dirty`` when the code a run executes (tracked Python
+    files outside report/ and tests/, and the requirements) has uncommitted changes."""
     root = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py",
-                                "requirements.txt"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()
+                                "requirements.txt", ":(exclude)report", ":(exclude)tests"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
