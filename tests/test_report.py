@@ -61,7 +61,8 @@ def fake_results(root):
         "vae_z2": {**common, "args": {"epochs": 30, "zdim": 2}, "n_params": 1000, "epochs_completed": 30,
                    "curves": {"val_negative_elbo": [540.0, 140.0]},
                    "test": {"negative_elbo": 140.5, "nll_importance": 138.0, "importance_samples": 500}},
-        "gan": {**common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002, "latent_dim": 100},
+        "gan": {**common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002, "latent_dim": 100,
+                                   "lr_decay_start": 0.5, "ema": 0.999, "real_label": 1.0},
                 "n_params": 2000000, "n_params_generator": 1500000, "epochs_completed": 200,
                 "curves": {"loss_d": [1.2, 1.3], "loss_g": [0.9, 0.8], "d_real": [0.6, 0.55],
                            "d_fake": [0.4, 0.45], "wall_time_s": [1.0, 2.0]},
@@ -69,6 +70,10 @@ def fake_results(root):
                                          {"digits": [1, 7], "classifier_confidence": [0.98, 1.0]}],
                 "progress": [{"epoch": 1, **fake_evaluation(80.0)}, {"epoch": 200, **fake_evaluation(5.0)}],
                 "evaluation": {"epoch": 200, **fake_evaluation(5.0)}},
+        "gan_template": {**common, "args": {"n_epochs": 200}, "n_params": 2000000, "epochs_completed": 200,
+                         "progress": [{"epoch": 100, **fake_evaluation(60.0)},
+                                      {"epoch": 200, **fake_evaluation(70.0)}],
+                         "evaluation": {"epoch": 200, **fake_evaluation(70.0)}},
         "nf": {**common, "args": {"epochs": 40, "batch_size": 128, "lr": 0.001, "warmup": 1.0, "clip": 100.0,
                         "weight_decay": 0.0},
                "n_params": 3000000, "epochs_completed": 40,
@@ -78,6 +83,9 @@ def fake_results(root):
     for run, metrics in runs.items():
         (root / run).mkdir(parents=True)
         (root / run / "metrics.json").write_text(json.dumps(metrics))
+    (root / "nf" / "lr_sweep").mkdir()
+    (root / "nf" / "lr_sweep" / "run_a.json").write_text(
+        json.dumps({"args": {"lr": 0.002, "weight_decay": 0.0001}, "curves": {"val_bpd": [8.0, 1.5]}}))
     reference = {"fingerprint": "x", "classifier_test_accuracy": 0.99,
                  "rows": [{"name": "real_train", **fake_evaluation(0.5)}]}
     (root / "reference.json").write_text(json.dumps(reference))
@@ -139,8 +147,9 @@ def test_newer_evaluation_json_wins(tmp_path):
 def test_tables_from_fake_results(generated):
     rows = [line for line in (generated / "comparison_table.tex").read_text().splitlines()
             if not line.startswith("%")]
-    assert [row.split(" & ")[0] for row in rows] == ["VAE", "GAN", "RealNVP", r"\midrule real images"]
-    vae, gan, nf, real = (row.split(" & ") for row in rows)
+    assert [row.split(" & ")[0] for row in rows] == ["VAE", "GAN", "GAN, template", "RealNVP",
+                                                      r"\midrule real images"]
+    vae, gan, _, nf, real = (row.split(" & ") for row in rows)
     assert vae[5] == r"90.0\,nats" and gan[5] == "n/a" and nf[5] == r"1.247\,bpd"
     assert gan[1:5] == ["2{,}000{,}000", "200", "10.0", "5{,}000"]
     assert real[6] == "0.50" and all(len(row) == 10 for row in (vae, gan, nf, real))
