@@ -25,7 +25,8 @@ smallest and largest class share. Parzen LL: mean log-likelihood of the test ima
 kernels on 10,000 samples, width chosen on training images 50,000-59,999 (Goodfellow et al., 2014;
 their GAN: 225 +- 2), +- standard error. Own likelihood: the VAE's negative ELBO and
 importance-sampled NLL on binarized MNIST, the flow's bits per dimension on dequantized MNIST;
-the two are on different data and not comparable with each other or with Parzen. The real-data row
+the two are on different data and not comparable with each other or with Parzen. Train time: training
+seconds on the CPU, unless a device is named in brackets. The real-data row
 treats 10,000 training images as samples: the ceiling for score, coverage and Parzen, and its FID
 (training vs test images) is the floor that two finite real samples reach.
 """
@@ -57,6 +58,7 @@ def model_row(run_dir):
         **{key: test.get(key) for key in ("negative_elbo", "nll_importance", "importance_samples", "bpd")},
         "n_params": metrics.get("n_params"),
         "wall_time_s": metrics.get("wall_time_s"),
+        "device": metrics.get("device"),
     }
 
 
@@ -97,7 +99,8 @@ def markdown_cells(row):
         parzen,
         own_likelihood(row),
         _number(row.get("n_params"), ","),
-        "n/a" if seconds is None else f"{seconds / 60:.1f} min",
+        "n/a" if seconds is None else f"{seconds / 60:.1f} min" + (
+            "" if row.get("device") in (None, "cpu") else f" ({row['device']})"),
     ]
 
 
