@@ -3,10 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-SHELL  := /bin/bash
-.SHELLFLAGS := -o pipefail -c
-# Run a training script and append its output to <out>/train.log: $(call train,script,out,flags)
-train = mkdir -p $(2) && $(PY) $(1) --resume --out $(2) $(3) 2>&1 | tee -a $(2)/train.log
+# Run (or resume) a training script; each script keeps its own <out>/train.log.
+train = $(PY) $(1) --resume --out $(2) $(3)
 
 .PHONY: venv test lint results results-vae results-gan results-nf classifier bench data
 

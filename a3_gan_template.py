@@ -226,7 +226,7 @@ def load_sampler(checkpoint_path, device="cpu"):
     return sample
 
 
-def evaluate_progress(generator, snapshots, root, device):
+def evaluate_progress(generator, snapshots, root, device, log=print):
     """The evaluation package's metrics for the generator kept at each progress epoch."""
     import evaluation
 
@@ -237,8 +237,8 @@ def evaluate_progress(generator, snapshots, root, device):
         z = torch.randn(10_000, generator.latent_dim, generator=torch.Generator().manual_seed(0))
         images = torch.cat([generate(generator, chunk.to(device)) for chunk in z.split(1000)])
         row = evaluation.evaluate_samples(images, root=root, device=device)
-        print(f"epoch {epoch}: FID {row['fid']:.2f}  score {row['score']:.2f}  "
-              f"Parzen {row['parzen_ll']:.1f}", flush=True)
+        log(f"epoch {epoch}: FID {row['fid']:.2f}  score {row['score']:.2f}  "
+            f"Parzen {row['parzen_ll']:.1f}")
         progress.append({"epoch": epoch, **row})
     generator.load_state_dict(current)
     return progress
@@ -288,7 +288,9 @@ def main(argv=None):
     curves = {"loss_d": [], "loss_g": [], "d_real": [], "d_fake": [], "wall_time_s": []}
     snapshots, stopwatch, start = {}, common.Stopwatch(), 0
     checkpoint = out / "checkpoint.pt"
-    if args.resume and checkpoint.exists():
+    resuming = args.resume and checkpoint.exists()
+    log = common.run_log(out, fresh=not resuming)
+    if resuming:
         state = common.load_checkpoint(checkpoint, device, generator=generator,
                                        discriminator=discriminator, optimizer_G=optimizer_G,
                                        optimizer_D=optimizer_D, scheduler_G=scheduler_G,
@@ -297,7 +299,7 @@ def main(argv=None):
         start, curves, snapshots = state["epoch"], state["curves"], state["snapshots"]
         fixed_z = state["fixed_z"]
         stopwatch = common.Stopwatch(state["stopwatch"])
-        print(f"resumed from {checkpoint} after epoch {start}")
+        log(f"resumed from {checkpoint} after epoch {start}")
     info = common.run_info(args, device)
     halfway = args.n_epochs // 2
     if start == 0:
@@ -317,9 +319,9 @@ def main(argv=None):
             curves[key].append(value)
         curves["wall_time_s"].append(stopwatch.seconds)
         done = epoch + 1
-        print(f"epoch {done}/{args.n_epochs}  loss D {stats['loss_d']:.3f}  G {stats['loss_g']:.3f}  "
-              f"D(x) {stats['d_real']:.3f}  D(G(z)) {stats['d_fake']:.3f}  "
-              f"{stopwatch.images_per_second:.0f} img/s", flush=True)
+        log(f"epoch {done}/{args.n_epochs}  loss D {stats['loss_d']:.3f}  G {stats['loss_g']:.3f}  "
+            f"D(x) {stats['d_real']:.3f}  D(G(z)) {stats['d_fake']:.3f}  "
+            f"{stopwatch.images_per_second:.0f} img/s")
         if done in PROGRESS_EPOCHS or done == args.n_epochs:
             snapshots[done] = {k: v.detach().clone() for k, v in sampler.state_dict().items()}
         if done == halfway:
@@ -348,14 +350,14 @@ def main(argv=None):
     try:
         from evaluation.classifier import load_classifier
     except ImportError:
-        print("evaluation package not available: skipping interpolation and metrics")
+        log("evaluation package not available: skipping interpolation and metrics")
     else:
         classifier = load_classifier(root, device)
         metrics["interpolation_digits"] = save_interpolations(sampler, classifier, out, device)
-        metrics["progress"] = evaluate_progress(sampler, snapshots, root, device)
+        metrics["progress"] = evaluate_progress(sampler, snapshots, root, device, log)
         metrics["evaluation"] = metrics["progress"][-1]
     common.write_json(out / "metrics.json", metrics)
-    print(f"done: {stopwatch.seconds / 60:.1f} min of training, {stopwatch.images_per_second:.0f} img/s; "
+    log(f"done: {stopwatch.seconds / 60:.1f} min of training, {stopwatch.images_per_second:.0f} img/s; "
           f"outputs in {out}")
     return metrics
 

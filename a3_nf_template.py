@@ -271,12 +271,14 @@ def main(argv=None):
     curves = {"train_bpd": [], "val_bpd": [], "wall_time_s": []}
     stopwatch, start = common.Stopwatch(), 0
     checkpoint = out / "checkpoint.pt"
-    if args.resume and checkpoint.exists():
+    resuming = args.resume and checkpoint.exists()
+    log = common.run_log(out, fresh=not resuming)
+    if resuming:
         state = common.load_checkpoint(checkpoint, device, model=model, optimizer=optimizer,
                                        scheduler=scheduler)
         start, curves = state["epoch"], state["curves"]
         stopwatch = common.Stopwatch(state["stopwatch"])
-        print(f"resumed from {checkpoint} after epoch {start}")
+        log(f"resumed from {checkpoint} after epoch {start}")
     info = common.run_info(args, device)
     if start == 0:
         save_samples(model, out / "samples_start", "Before training (identity couplings)")
@@ -290,8 +292,8 @@ def main(argv=None):
         curves["train_bpd"].append(train_bpd)
         curves["val_bpd"].append(val_bpd)
         curves["wall_time_s"].append(stopwatch.seconds)
-        print(f"epoch {done}/{args.epochs}  train {train_bpd:.4f}  val {val_bpd:.4f} bits/dim  "
-              f"{stopwatch.seconds / done:.1f} s/epoch", flush=True)
+        log(f"epoch {done}/{args.epochs}  train {train_bpd:.4f}  val {val_bpd:.4f} bits/dim  "
+            f"{stopwatch.seconds / done:.1f} s/epoch")
         (out / "epochs").mkdir(parents=True, exist_ok=True)
         generator = torch.Generator(device=device).manual_seed(0)
         save_image(model.sample(64, generator).floor().reshape(-1, 1, 28, 28) / 255,
@@ -313,16 +315,16 @@ def main(argv=None):
         "images_per_s": stopwatch.images_per_second,
         "test": {"bpd": epoch_iter(model, testdata, None)},
     }
-    print(f"test {metrics['test']['bpd']:.4f} bits/dim", flush=True)
+    log(f"test {metrics['test']['bpd']:.4f} bits/dim")
     try:
         import evaluation
     except ImportError:
-        print("evaluation package not available: skipping sample metrics")
+        log("evaluation package not available: skipping sample metrics")
     else:
         images = load_sampler(checkpoint, device)(args.eval_samples)
         metrics["evaluation"] = evaluation.evaluate_samples(images, root=root, device=device)
     common.write_json(out / "metrics.json", metrics)
-    print(f"done: {stopwatch.seconds / 60:.1f} min of training; outputs in {out}")
+    log(f"done: {stopwatch.seconds / 60:.1f} min of training; outputs in {out}")
     return metrics
 
 

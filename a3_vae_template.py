@@ -370,13 +370,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out / "checkpoint.pt"
     resuming = args.resume and checkpoint_path.exists()
-    if not resuming:
-        (out / "train.log").unlink(missing_ok=True)
-
-    def log(message):
-        print(message)
-        with open(out / "train.log", "a") as f:
-            f.write(message + "\n")
+    log = common.run_log(out, fresh=not resuming)
 
     root = common.data_root(args)
     train_data, val_data, test_data = bmnist(root, args.batch_size, dynamic=True)

@@ -170,6 +170,22 @@ def run_info(args, device):
     }
 
 
+def run_log(out, fresh):
+    """A ``log(message)`` that prints and appends to ``<out>/train.log``, so a run keeps its log however
+    it was started; ``fresh`` (a new run, not a resume) starts the file anew."""
+    path = Path(out) / "train.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        path.unlink(missing_ok=True)
+
+    def log(message):
+        print(message, flush=True)
+        with open(path, "a") as f:
+            f.write(message + "\n")
+
+    return log
+
+
 def write_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 

@@ -278,7 +278,8 @@ def test_cli_smoke_run_writes_every_output_and_resume_redraws_them(tmp_path, pat
 
     stems = ["samples_start", "samples_halfway", "samples_end", "losses", "interpolation", "interpolations"]
     expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
-    assert {p.name for p in out.iterdir()} == expected | {"intervals", "metrics.json", "checkpoint.pt"}
+    outputs = expected | {"intervals", "metrics.json", "checkpoint.pt", "train.log"}
+    assert {p.name for p in out.iterdir()} == outputs
     # 3 batches per epoch, a grid every 2 batches counted over the run: 0, 2, 4
     assert sorted(p.name for p in (out / "intervals").iterdir()) == [f"batch_{i:06d}.png" for i in (0, 2, 4)]
 
@@ -320,7 +321,8 @@ def test_cli_smoke_run_writes_every_output_and_resume_redraws_them(tmp_path, pat
     again = run_cli(tmp_path, out, "--resume")
     assert "resumed from" in capsys.readouterr().out
     assert hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest() == checkpoint
-    assert {p.name for p in out.iterdir()} == expected | {"intervals", "metrics.json", "checkpoint.pt"}
+    outputs = expected | {"intervals", "metrics.json", "checkpoint.pt", "train.log"}
+    assert {p.name for p in out.iterdir()} == outputs
     assert len(list((out / "intervals").iterdir())) == 3
     assert again["curves"] == curves and again["progress"] == metrics["progress"]
     assert again["epochs_completed"] == 2

@@ -339,7 +339,8 @@ def test_cli_smoke_run_writes_every_output_and_resumes(tmp_path, patched_cli, ca
 
     stems = ["bpd", "samples_start", "samples_halfway", "samples_end"]
     expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
-    assert {p.name for p in out.iterdir()} == expected | {"epochs", "metrics.json", "checkpoint.pt"}
+    outputs = expected | {"epochs", "metrics.json", "checkpoint.pt", "train.log"}
+    assert {p.name for p in out.iterdir()} == outputs
     assert {p.name for p in (out / "epochs").iterdir()} == {"epoch_01.png", "epoch_02.png"}
     assert Image.open(out / "epochs" / "epoch_02.png").size == (8 * 30 + 2, 8 * 30 + 2)
 
