@@ -212,6 +212,13 @@ def save_loss_plot(curves, stem):
 
 # ---------------------------------------------------------------- main
 
+def sample_images(generator, n, seed=0):
+    """``n`` images [n, 784] in [0, 1] from latent vectors drawn with ``seed``, 1,000 at a time."""
+    device = next(generator.parameters()).device
+    z = torch.randn(n, generator.latent_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([generate(generator, chunk.to(device)) for chunk in z.split(1000)])
+
+
 def load_sampler(checkpoint_path, device="cpu"):
     """For the evaluation package: ``sample(n)`` -> [n, 784] images in [0, 1] from the generator
     that the run samples from (the weight average, when the run kept one)."""
@@ -219,11 +226,7 @@ def load_sampler(checkpoint_path, device="cpu"):
     generator = Generator(payload["args"]["latent_dim"]).to(device)
     generator.load_state_dict(payload.get("generator_average") or payload["generator"])
 
-    def sample(n, seed=0):
-        z = torch.randn(n, generator.latent_dim, generator=torch.Generator().manual_seed(seed))
-        return torch.cat([generate(generator, chunk.to(device)) for chunk in z.split(1000)])
-
-    return sample
+    return lambda n, seed=0: sample_images(generator, n, seed)
 
 
 def evaluate_progress(generator, snapshots, root, device, log=print):
@@ -234,9 +237,7 @@ def evaluate_progress(generator, snapshots, root, device, log=print):
     current = {k: v.clone() for k, v in generator.state_dict().items()}
     for epoch, state in sorted(snapshots.items()):
         generator.load_state_dict(state)
-        z = torch.randn(10_000, generator.latent_dim, generator=torch.Generator().manual_seed(0))
-        images = torch.cat([generate(generator, chunk.to(device)) for chunk in z.split(1000)])
-        row = evaluation.evaluate_samples(images, root=root, device=device)
+        row = evaluation.evaluate_samples(sample_images(generator, 10_000), root=root, device=device)
         log(f"epoch {epoch}: FID {row['fid']:.2f}  score {row['score']:.2f}  "
             f"Parzen {row['parzen_ll']:.1f}")
         progress.append({"epoch": epoch, **row})
