@@ -229,7 +229,7 @@ def load_sampler(checkpoint_path, device="cpu"):
     return lambda n, seed=0: sample_images(generator, n, seed)
 
 
-def evaluate_progress(generator, snapshots, root, device, log=print):
+def evaluate_progress(generator, snapshots, classifier, root, device, log=print):
     """The evaluation package's metrics for the generator kept at each progress epoch."""
     import evaluation
 
@@ -237,7 +237,8 @@ def evaluate_progress(generator, snapshots, root, device, log=print):
     current = {k: v.clone() for k, v in generator.state_dict().items()}
     for epoch, state in sorted(snapshots.items()):
         generator.load_state_dict(state)
-        row = evaluation.evaluate_samples(sample_images(generator, 10_000), root=root, device=device)
+        row = evaluation.evaluate_samples(sample_images(generator, 10_000), root=root, device=device,
+                                          classifier=classifier)
         log(f"epoch {epoch}: FID {row['fid']:.2f}  score {row['score']:.2f}  "
             f"Parzen {row['parzen_ll']:.1f}")
         progress.append({"epoch": epoch, **row})
@@ -355,7 +356,7 @@ def main(argv=None):
     else:
         classifier = load_classifier(root, device)
         metrics["interpolation_digits"] = save_interpolations(sampler, classifier, out, device)
-        metrics["progress"] = evaluate_progress(sampler, snapshots, root, device, log)
+        metrics["progress"] = evaluate_progress(sampler, snapshots, classifier, root, device, log)
         metrics["evaluation"] = metrics["progress"][-1]
     common.write_json(out / "metrics.json", metrics)
     log(f"done: {stopwatch.seconds / 60:.1f} min of training, {stopwatch.images_per_second:.0f} img/s; "

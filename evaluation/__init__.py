@@ -54,6 +54,14 @@ def classify(classifier, images, batch_size=1000):
     return torch.cat(features), torch.cat(logits)
 
 
+@functools.lru_cache(maxsize=2)
+def test_features(classifier, root):
+    """The classifier's features of the 10,000 test images: computed once per classifier, not once
+    per evaluated model (the GAN scores several snapshots)."""
+    _, _, test = real_images(root)
+    return classify(classifier, test)[0]
+
+
 def evaluate_samples(images, root="./data/", device="cpu", classifier=None):
     """Every sample-based measure of ``images`` [N, 784] or [N, 1, 28, 28], values in [0, 1].
 
@@ -71,7 +79,6 @@ def evaluate_samples(images, root="./data/", device="cpu", classifier=None):
     _, validation, test = real_images(root)
 
     features, logits = classify(classifier, images)
-    test_features, _ = classify(classifier, test)
     fractions = class_fractions(logits)
 
     centres = images.to(device)
@@ -81,7 +88,7 @@ def evaluate_samples(images, root="./data/", device="cpu", classifier=None):
               "the log-likelihood may be underestimated")
     test_ll = parzen_log_likelihood(test.to(device), centres, [sigma])[0].double().cpu()
     return {
-        "fid": fid(features, test_features),
+        "fid": fid(features, test_features(classifier, root)),
         "score": classifier_score(logits),
         "class_fractions": fractions.tolist(),
         "class_kl_uniform": kl_to_uniform(fractions),

@@ -257,7 +257,7 @@ def patched_cli(monkeypatch):
         return TensorLoader(real_images(48), torch.zeros(48, dtype=torch.int64), batch_size=batch_size,
                             shuffle=True)
 
-    def evaluate_samples(images, root="./data/", device="cpu"):
+    def evaluate_samples(images, root="./data/", device="cpu", classifier=None):
         evaluated.append(images)
         return fake_evaluation(images)
 
