@@ -206,9 +206,16 @@ def save_bpd_plot(train_curve, val_curve, filename):
                        title="RealNVP on MNIST: negative log-likelihood")
 
 
+def sample_images(model, n, seed=0):
+    """``n`` samples as pixel images [n, 784] in [0, 1] on the CPU: floored to the 256 grey levels the
+    dequantization spread out, drawn 1,000 at a time with a seeded generator."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    chunks = [model.sample(min(1000, n - i), generator) for i in range(0, n, 1000)]
+    return (torch.cat(chunks).floor() / 255).cpu()
+
+
 def save_samples(model, stem, title, n=64, seed=0):
-    images = model.sample(n, torch.Generator(device=next(model.parameters()).device).manual_seed(seed))
-    common.save_image_grid(images.floor() / 255, stem, nrow=8, title=title)
+    common.save_image_grid(sample_images(model, n, seed), stem, nrow=8, title=title)
 
 
 # ---------------------------------------------------------------- main
@@ -220,12 +227,7 @@ def load_sampler(checkpoint_path, device="cpu"):
     model.load_state_dict(payload["model"])
     model.eval()
 
-    def sample(n, seed=0):
-        generator = torch.Generator(device=device).manual_seed(seed)
-        chunks = [model.sample(min(1000, n - i), generator) for i in range(0, n, 1000)]
-        return (torch.cat(chunks).floor() / 255).cpu()
-
-    return sample
+    return lambda n, seed=0: sample_images(model, n, seed)
 
 
 def parse_args(argv=None):
@@ -295,8 +297,7 @@ def main(argv=None):
         log(f"epoch {done}/{args.epochs}  train {train_bpd:.4f}  val {val_bpd:.4f} bits/dim  "
             f"{stopwatch.seconds / done:.1f} s/epoch")
         (out / "epochs").mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator(device=device).manual_seed(0)
-        save_image(model.sample(64, generator).floor().reshape(-1, 1, 28, 28) / 255,
+        save_image(sample_images(model, 64).reshape(-1, 1, 28, 28),
                    out / "epochs" / f"epoch_{done:02d}.png", nrow=8, padding=2, pad_value=1.0)
         if done == args.epochs // 2:
             save_samples(model, out / "samples_halfway", f"After {done} of {args.epochs} epochs")
