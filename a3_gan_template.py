@@ -3,10 +3,12 @@
 The generator and discriminator are the template's MLPs. The discriminator returns the probability of
 "real" from ``forward``; the losses use its logits, so log D and log(1 - D) are log-sigmoids and never
 log(0). Training follows the template: Adam(lr=2e-4, betas=(0.5, 0.999)) for both networks, batch 64,
-200 epochs over all 60,000 training images scaled to [-1, 1]. Two additions, both switchable, keep the
-end of training from drifting away from its best samples: the learning rates decay linearly to zero
-over the second half of training, and every sample is drawn from an exponential moving average of the
-generator's weights (Yazici et al., 2019), which smooths out the oscillation of adversarial training.
+200 epochs over all 60,000 training images scaled to [-1, 1]. Three additions, all switchable, keep
+training from drifting away from good, class-balanced samples: an R1 gradient penalty on the
+discriminator (Mescheder et al., 2018), without which D slowly wins, the fakes get worse after epoch 50
+and some digits crowd out others; learning rates that decay linearly to zero over the second half of
+training; and samples drawn from an exponential moving average of the generator's weights (Yazici et
+al., 2019), which smooths out the oscillation of adversarial training.
 
     python a3_gan_template.py                 # full run into results/gan/
     python a3_gan_template.py --resume        # continue an interrupted run (or redraw a finished one)
@@ -81,6 +83,14 @@ def discriminator_loss(real_logits, fake_logits, real_label=1.0):
     return real_term.mean() + F.softplus(fake_logits).mean()
 
 
+def r1_penalty(real, real_logits):
+    """R1 = E_x ||grad_x D_logit(x)||^2 on real images (Mescheder et al., 2018): it pushes D's
+    surface flat around the data, so D cannot keep sharpening against G, the drift that otherwise
+    degrades samples late in training. ``real`` must have required grad before ``real_logits``."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.square().sum(1).mean()
+
+
 def generator_loss(fake_logits):
     """The non-saturating loss -log D(G(z)) (Q2.4): strong gradients when D rejects the fakes early
     on, where the minimax loss log(1 - D(G(z))) saturates."""
@@ -93,18 +103,17 @@ def generator_loss(fake_logits):
 def update_average(average, generator, decay):
     """average <- decay * average + (1 - decay) * generator, weight by weight; BatchNorm statistics
     are copied, as they already are running averages."""
-    for mean, param in zip(average.parameters(), generator.parameters(), strict=True):
-        mean.lerp_(param, 1 - decay)
-    for mean, buffer in zip(average.buffers(), generator.buffers(), strict=True):
-        mean.copy_(buffer)
+    torch._foreach_lerp_(list(average.parameters()), list(generator.parameters()), 1 - decay)
+    torch._foreach_copy_(list(average.buffers()), list(generator.buffers()))
 
 
 def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epoch=0,
           save_interval=None, interval_dir=None, fixed_z=None, average=None, ema_decay=0.999,
-          real_label=1.0):
+          real_label=1.0, r1_gamma=0.0):
     """One epoch over ``dataloader``; returns the mean D and G losses and mean D(x), D(G(z)).
 
     ``average``, if given, is a copy of the generator that tracks the moving average of its weights.
+    ``r1_gamma`` > 0 adds the R1 penalty (gamma / 2) * R1 to the discriminator's loss.
     Every ``save_interval`` batches (counted over the whole run) a 5x5 grid of the average (or the
     generator) at ``fixed_z`` goes to ``interval_dir``. Statistics accumulate on the device and are
     read once per epoch.
@@ -128,9 +137,12 @@ def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epo
             update_average(average, generator, ema_decay)
 
         # Discriminator step, on the same fakes, detached so no gradient reaches G.
+        real.requires_grad_(r1_gamma > 0)
         real_logits = discriminator.logits(real)
         fake_logits = discriminator.logits(gen_imgs.detach())
         loss_d = discriminator_loss(real_logits, fake_logits, real_label)
+        if r1_gamma > 0:
+            loss_d = loss_d + r1_gamma / 2 * r1_penalty(real, real_logits)
         optimizer_D.zero_grad(set_to_none=True)
         loss_d.backward()
         optimizer_D.step()
@@ -264,21 +276,28 @@ def parse_args(argv=None):
     parser.add_argument("--real_label", type=common.unit_interval, default=1.0,
                         help="target of the discriminator for real images (< 1: one-sided label "
                              "smoothing)")
+    parser.add_argument("--r1_gamma", type=common.non_negative_float, default=1.0,
+                        help="weight gamma of the R1 gradient penalty gamma/2 E||grad D(x)||^2 on "
+                             "real images (0 = none)")
     return common.add_common_args(parser, out="results/gan").parse_args(argv)
+
+
+def make_optimizers(generator, discriminator, args):
+    """Adam(lr, betas=(0.5, 0.999)) for each network, as in the template; fused=True does each update
+    in one kernel, which cuts the step of these small MLPs by a third on a CPU."""
+    return tuple(torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=True)
+                 for net in (generator, discriminator))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
-    common.seed_everything(args.seed)
-    root = common.data_root(args)
+    device, root = common.setup(args)
     out = Path(args.out)
     dataloader = mnist_gan(root, batch_size=args.batch_size)
 
     generator = Generator(args.latent_dim).to(device)
     discriminator = Discriminator().to(device)
-    optimizer_G = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=True)
-    optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=True)
+    optimizer_G, optimizer_D = make_optimizers(generator, discriminator, args)
     decay_start = int(args.lr_decay_start * args.n_epochs)
     lr_factor = lambda epoch: min(1.0, (args.n_epochs - epoch) / max(1, args.n_epochs - decay_start))
     scheduler_G = torch.optim.lr_scheduler.LambdaLR(optimizer_G, lr_factor)
@@ -313,7 +332,7 @@ def main(argv=None):
             stats = train(dataloader, discriminator, generator, optimizer_G, optimizer_D, epoch=epoch,
                           save_interval=args.save_interval, interval_dir=out / "intervals",
                           fixed_z=fixed_z, average=average, ema_decay=args.ema,
-                          real_label=args.real_label)
+                          real_label=args.real_label, r1_gamma=args.r1_gamma)
         scheduler_G.step()
         scheduler_D.step()
         stopwatch.count(len(dataloader.dataset))
@@ -344,7 +363,8 @@ def main(argv=None):
         "n_params_generator": sum(p.numel() for p in generator.parameters()),
         "epochs_completed": len(curves["loss_d"]),
         "optimizer": (f"Adam(lr={args.lr:g}, betas=(0.5, 0.999)) for G and D, linear decay to 0 from "
-                      f"epoch {decay_start}; samples from a weight average with decay {args.ema:g}"),
+                      f"epoch {decay_start}; R1 penalty gamma={args.r1_gamma:g} on D; samples from a "
+                      f"weight average with decay {args.ema:g}"),
         "curves": curves,
         "wall_time_s": stopwatch.seconds,
         "images_per_s": stopwatch.images_per_second,

@@ -73,7 +73,9 @@ class Coupling(nn.Module):
         nn.init.zeros_(self.nn[-1].bias)
 
     def scale_and_translation(self, z):
-        log_scale, translation = self.nn(z * self.mask).chunk(2, dim=1)
+        # float(): under bf16 autocast the network's output is bf16; s, t, exp(s) and the log-det sum
+        # are computed in fp32 from here on, whatever autocast's op lists say.
+        log_scale, translation = self.nn(z * self.mask).float().chunk(2, dim=1)
         # tanh bounds the log-scale to (-1, 1) per layer, which keeps exp() and the inverse stable.
         inverse_mask = 1 - self.mask
         return torch.tanh(log_scale) * inverse_mask, translation * inverse_mask
@@ -162,16 +164,18 @@ def bits_per_dim(log_px):
     return -log_px / (N_PIXELS * math.log(2))
 
 
-def epoch_iter(model, data, optimizer, scheduler=None, clip=None, epoch=0):
-    """Average bits/dim over ``data``. Trains when ``model.training``; otherwise evaluates without
-    gradients and with fixed dequantization noise, so validation numbers are deterministic."""
+def epoch_iter(model, data, optimizer, scheduler=None, clip=None, epoch=0, precision="fp32"):
+    """Average bits/dim over ``data``. Trains when ``model.training``, with the coupling networks'
+    matmuls in ``precision``; otherwise evaluates in fp32 without gradients and with fixed
+    dequantization noise, so validation numbers are deterministic."""
     device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0
     noise = None if model.training else torch.Generator(device=device).manual_seed(0)
     desc = f"epoch {epoch} {'train' if model.training else 'eval'}"
     for imgs, _ in tqdm(data, desc=desc, leave=False, disable=None):
         imgs = imgs.to(device, non_blocking=True)
-        with torch.set_grad_enabled(model.training):
+        training_precision = precision if model.training else "fp32"
+        with torch.set_grad_enabled(model.training), common.autocast(training_precision, device):
             bpd = bits_per_dim(model(imgs, generator=noise))
             loss = bpd.mean()
         if model.training:
@@ -188,11 +192,11 @@ def epoch_iter(model, data, optimizer, scheduler=None, clip=None, epoch=0):
     return (total / count).item()
 
 
-def run_epoch(model, data, optimizer, scheduler=None, clip=None, epoch=0):
+def run_epoch(model, data, optimizer, scheduler=None, clip=None, epoch=0, precision="fp32"):
     """One training pass and one validation pass: (train bpd, val bpd)."""
     traindata, valdata = data
     model.train()
-    train_bpd = epoch_iter(model, traindata, optimizer, scheduler, clip, epoch)
+    train_bpd = epoch_iter(model, traindata, optimizer, scheduler, clip, epoch, precision)
     model.eval()
     val_bpd = epoch_iter(model, valdata, optimizer, epoch=epoch)
     return train_bpd, val_bpd
@@ -241,9 +245,18 @@ def parse_args(argv=None):
     parser.add_argument("--clip", type=common.positive_float, default=100.0,
                         help="gradient-norm clipping threshold")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="matmuls of the training steps (evaluation is always fp32); auto = bf16 "
+                             "on CPUs with AMX units, fp32 elsewhere")
     parser.add_argument("--eval-samples", type=common.positive_int, default=10_000,
                         help="samples scored by the evaluation package at the end")
     return common.add_common_args(parser, out="results/nf").parse_args(argv)
+
+
+def make_optimizer(model, args):
+    """AdamW; fused=True does the update of the 27M parameters in one pass over memory, 4x faster on
+    a CPU than the multi-pass default."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
 
 def make_scheduler(optimizer, steps_per_epoch, args):
@@ -261,14 +274,13 @@ def make_scheduler(optimizer, steps_per_epoch, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
-    common.seed_everything(args.seed)
-    root = common.data_root(args)
+    device, root = common.setup(args)
     out = Path(args.out)
     traindata, valdata, testdata = mnist(root, batch_size=args.batch_size)
 
+    precision = common.training_precision(args.precision, device)
     model = Model([N_PIXELS]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, len(traindata), args)
     curves = {"train_bpd": [], "val_bpd": [], "wall_time_s": []}
     stopwatch, start = common.Stopwatch(), 0
@@ -282,13 +294,14 @@ def main(argv=None):
         stopwatch = common.Stopwatch(state["stopwatch"])
         log(f"resumed from {checkpoint} after epoch {start}")
     info = common.run_info(args, device)
+    log(f"training matmuls in {precision} on {device}")
     if start == 0:
         save_samples(model, out / "samples_start", "Before training (identity couplings)")
 
     for epoch in range(start, args.epochs):
         with stopwatch:
             train_bpd, val_bpd = run_epoch(model, (traindata, valdata), optimizer, scheduler,
-                                           args.clip, epoch + 1)
+                                           args.clip, epoch + 1, precision)
         stopwatch.count(len(traindata.dataset))
         done = epoch + 1
         curves["train_bpd"].append(train_bpd)
@@ -310,6 +323,7 @@ def main(argv=None):
     metrics = {
         **info,
         "n_params": sum(p.numel() for p in model.parameters()),
+        "training_precision": precision,
         "epochs_completed": len(curves["train_bpd"]),
         "curves": curves,
         "wall_time_s": stopwatch.seconds,

@@ -52,6 +52,13 @@ def positive_float(text):
     return value
 
 
+def non_negative_float(text):
+    value = float(text)
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
 def existing_dir(text):
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"folder {text!r} does not exist (create it, or leave "
@@ -97,6 +104,31 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def setup(args):
+    """The start of every script's ``main``: returns (device, data folder) with every RNG seeded."""
+    device = get_device(args.device)
+    seed_everything(args.seed)
+    # Late in training, tiny gradients and Adam moments turn into denormal floats, which the CPU handles
+    # about twice as slowly; flushing them to zero changes no result.
+    torch.set_flush_denormal(True)
+    return device, data_root(args)
+
+
+def training_precision(name, device):
+    """The precision of the training matmuls for a ``--precision`` flag: "auto" is bf16 on a CPU with
+    AMX matrix units, where bfloat16 products run about 5x faster than fp32, and fp32 elsewhere."""
+    if name != "auto":
+        return name
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if device.type == "cpu" and has_amx else "fp32"
+
+
+def autocast(precision, device):
+    """Mixed precision for a training forward pass: with "bf16" the matmuls run in bfloat16, while
+    weights, gradients and optimizer state stay fp32. A no-op for "fp32"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ---------------------------------------------------------------- checkpoints and metrics

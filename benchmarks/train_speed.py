@@ -17,7 +17,9 @@ on N rows, 2 N in out for the forward pass, the same again for the weight gradie
 for the input gradient when the layer's input needs one. That is 3x the forward FLOPs, except for a
 first layer fed with data or noise (2x). The layers are counted as they run, so the GAN's step
 includes G once, D on its fakes twice (generator and discriminator steps) and D on real images once,
-and the discriminator's weight gradients that the generator step computes and then discards. The
+and the discriminator's weight gradients that the generator step computes and then discards. Real
+images need an input gradient for the GAN's R1 penalty, so D's first layer on them counts 3x; the
+penalty's double backward is not counted. The
 fraction is taken of a square fp32 ``torch.mm`` measured in the same process.
 
 The wall time to each quality bar is read from the runs' ``metrics.json`` under ``--results``.
@@ -25,6 +27,7 @@ Everything lands in ``<out>/benchmark.md`` and ``<out>/benchmark.json``, with th
 """
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -123,9 +126,11 @@ def template_stream(build):
 
 class Way:
     """One way of training one model: its modules, its stream of batches of ``batch_size`` images and
-    ``train(batches)``; ``workers`` is the number of DataLoader worker processes behind the stream."""
+    ``train(batches)``; ``workers`` is the number of DataLoader worker processes behind the stream and
+    ``precision`` that of the training matmuls."""
 
-    def __init__(self, modules, batch_size, stream, train, workers=0):
+    def __init__(self, modules, batch_size, stream, train, workers=0, precision="fp32"):
+        self.precision = precision
         self.modules = modules
         self.batch_size = batch_size
         self.stream = stream
@@ -186,13 +191,15 @@ def vae_way(way, root, seed):
     args = vae.parse_args([])
     common.seed_everything(seed)
     model = vae.VAE(args.hidden_dim, args.zdim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # the script's and the template's
     if way == "template":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         transform = transforms.Compose([transforms.ToTensor(), binarize_image])
         stream, workers = template_stream(
             lambda w: torchvision_mnist(root, transform, args.batch_size, w, n_images=BMNIST_TRAIN))
         return Way([model], args.batch_size, stream, lambda b: template_vae_steps(model, optimizer, b),
                    workers)
+
+    optimizer = vae.make_optimizer(model, args)
 
     def train(batches):
         model.train()
@@ -206,11 +213,9 @@ def gan_way(way, root, seed):
     args = gan.parse_args([])
     common.seed_everything(seed)
     generator, discriminator = gan.Generator(args.latent_dim), gan.Discriminator()
-    # a3_gan_template.main's optimizers are fused; the template's are plain Adam.
-    fused = {"fused": True} if way == "ours" else {}
-    optimizer_G, optimizer_D = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.999), **fused)
-                                for m in (generator, discriminator))
     if way == "template":
+        optimizer_G, optimizer_D = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.999))
+                                    for m in (generator, discriminator))
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
         stream, workers = template_stream(lambda w: torchvision_mnist(root, transform, args.batch_size, w))
 
@@ -218,9 +223,12 @@ def gan_way(way, root, seed):
             return template_gan_steps(generator, discriminator, optimizer_G, optimizer_D, batches)
     else:
         stream, workers = endless(mnist_gan(root, args.batch_size)), 0
+        optimizer_G, optimizer_D = gan.make_optimizers(generator, discriminator, args)
+        average = copy.deepcopy(generator) if args.ema > 0 else None  # as main() keeps it
 
         def train(batches):
-            return gan.train(batches, discriminator, generator, optimizer_G, optimizer_D)
+            return gan.train(batches, discriminator, generator, optimizer_G, optimizer_D, average=average,
+                             ema_decay=args.ema, real_label=args.real_label, r1_gamma=args.r1_gamma)
 
     return Way([generator, discriminator], args.batch_size, stream, train, workers)
 
@@ -236,15 +244,15 @@ def nf_way(way, root, seed):
         return Way([model], args.batch_size, stream, lambda b: template_nf_steps(model, optimizer, b),
                    workers)
     traindata = mnist(root, args.batch_size)[0]
-    # As a3_nf_template.main builds them.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = nf.make_optimizer(model, args)
     scheduler = nf.make_scheduler(optimizer, len(traindata), args)
+    precision = common.training_precision(args.precision, torch.device("cpu"))
 
     def train(batches):
         model.train()
-        return nf.epoch_iter(model, batches, optimizer, scheduler, args.clip)
+        return nf.epoch_iter(model, batches, optimizer, scheduler, args.clip, precision=precision)
 
-    return Way([model], args.batch_size, endless(traindata), train)
+    return Way([model], args.batch_size, endless(traindata), train, precision=precision)
 
 
 MODELS = {"vae": ("VAE", vae_way), "gan": ("GAN", gan_way), "nf": ("flow", nf_way)}
@@ -290,13 +298,14 @@ def measure_way(way, warmup, steps):
     way.stream.close()  # stops the DataLoader's workers before the next measurement
     return {"steps": steps, "images": timed.images, "seconds": seconds,
             "images_per_s": timed.images / seconds, "linear_flops_per_image": flops / first.images,
-            "batch_size": way.batch_size, "workers": way.workers}
+            "batch_size": way.batch_size, "workers": way.workers, "precision": way.precision}
 
 
-def matmul_gflops(size, reps):
-    """fp32 GFLOP/s of a square ``torch.mm`` (2 size^3 FLOPs), median and best of ``reps`` timings."""
+def matmul_gflops(size, reps, dtype=torch.float32):
+    """GFLOP/s of a square ``torch.mm`` (2 size^3 FLOPs) in ``dtype``, median and best of ``reps``
+    timings."""
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
     c = torch.mm(a, b)  # warm-up: thread pool and caches
     times = []
     for _ in range(reps):
@@ -304,8 +313,8 @@ def matmul_gflops(size, reps):
         torch.mm(a, b, out=c)
         times.append(time.perf_counter() - start)
     flops = 2 * size**3
-    return {"size": size, "reps": reps, "gflops_median": flops / statistics.median(times) / 1e9,
-            "gflops_best": flops / min(times) / 1e9}
+    return {"size": size, "reps": reps, "dtype": str(dtype).removeprefix("torch."),
+            "gflops_median": flops / statistics.median(times) / 1e9, "gflops_best": flops / min(times) / 1e9}
 
 
 def cpu_model_and_cores():
@@ -430,7 +439,9 @@ def goals(report):
         {"goal": f"GAN end-to-end throughput >= {GOAL_SPEEDUP:g}x the template's",
          "value": f"{models['gan']['speedup']:.2f}x", "met": models["gan"]["speedup"] >= GOAL_SPEEDUP},
         {"goal": f"flow training step >= {GOAL_MATMUL_FRACTION:.0%} of matmul throughput",
-         "value": f"{models['nf']['ours']['matmul_fraction']:.0%}",
+         "value": f"{models['nf']['ours']['matmul_fraction']:.0%}" + (
+             f" (bf16 matmuls: {models['nf']['ours']['gflops'] / report['matmul_bf16']['gflops_median']:.0%}"
+             " of the bf16 rate)" if models["nf"]["ours"]["precision"] == "bf16" else ""),
          "met": models["nf"]["ours"]["matmul_fraction"] >= GOAL_MATMUL_FRACTION},
         {"goal": f"flow below {NF_BAR:g} validation bpd in <= {GOAL_NF_SECONDS // 60} min",
          "value": _bar_value(flow_bar),
@@ -471,7 +482,9 @@ def markdown(report):
         *(f"| {key} | {value} |" for key, value in machine.items()),
         "",
         f"fp32 matmul ({gemm['size']}x{gemm['size']}, median of {gemm['reps']}): "
-        f"**{gemm['gflops_median']:.1f} GFLOP/s** (best {gemm['gflops_best']:.1f}).",
+        f"**{gemm['gflops_median']:.1f} GFLOP/s** (best {gemm['gflops_best']:.1f}); the same in bf16: "
+        f"{report['matmul_bf16']['gflops_median']:.1f} GFLOP/s. The goal's fraction is of the fp32 rate; "
+        "a model whose training matmuls run in bf16 (column precision) can exceed what fp32 could reach.",
         "",
         "## Training throughput, end to end with data loading",
         "",
@@ -481,8 +494,8 @@ def markdown(report):
         "or noise).",
         "",
         "| model | batch | steps | template img/s | ours img/s | speed-up | Linear MFLOP/image "
-        "| template GFLOP/s | ours GFLOP/s | ours of matmul |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| template GFLOP/s | ours GFLOP/s | ours precision | ours of fp32 matmul |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["models"].values():
         template, ours = row["template"], row["ours"]
@@ -490,7 +503,7 @@ def markdown(report):
             f"| {row['name']} | {ours['batch_size']} | {ours['steps']} | {template['images_per_s']:,.0f} "
             f"| {ours['images_per_s']:,.0f} | {row['speedup']:.2f}x "
             f"| {ours['linear_flops_per_image'] / 1e6:.1f} | {template['gflops']:.1f} "
-            f"| {ours['gflops']:.1f} | {ours['matmul_fraction']:.0%} |")
+            f"| {ours['gflops']:.1f} | {ours['precision']} | {ours['matmul_fraction']:.0%} |")
     lines += [
         "",
         "## Wall time to the quality bar (from the runs' metrics.json, training seconds)",
@@ -526,12 +539,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     steps = QUICK_STEPS if args.quick else STEPS
+    gemm = (QUICK_GEMM_SIZE, QUICK_GEMM_REPS) if args.quick else (GEMM_SIZE, GEMM_REPS)
     report = {"run": common.run_info(args, "cpu"), "machine": machine_facts(),
-              "matmul": matmul_gflops(*((QUICK_GEMM_SIZE, QUICK_GEMM_REPS) if args.quick
-                                        else (GEMM_SIZE, GEMM_REPS))),
+              "matmul": matmul_gflops(*gemm), "matmul_bf16": matmul_gflops(*gemm, torch.bfloat16),
               "models": {}}
     peak = report["matmul"]["gflops_median"]
-    print(f"fp32 matmul: {peak:.1f} GFLOP/s", flush=True)
+    print(f"fp32 matmul: {peak:.1f} GFLOP/s, bf16: {report['matmul_bf16']['gflops_median']:.1f}",
+          flush=True)
     for key, (name, build) in MODELS.items():
         warmup, timed = steps[key]
         row = {"name": name}

@@ -92,6 +92,21 @@ def test_seed_everything_seeds_all_three_generators():
     assert draws() != first
 
 
+def test_setup_seeds_picks_the_device_and_flushes_denormals(tmp_path):
+    args = common_parser().parse_args(["--device", "cpu", "--seed", "5", "--data-root", str(tmp_path)])
+    try:
+        torch.set_flush_denormal(False)
+        denormal = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
+        assert (denormal * 1.0).item() != 0
+        assert common.setup(args) == (torch.device("cpu"), str(tmp_path))
+        first = draws()
+        assert (denormal * 1.0).item() == 0
+    finally:
+        torch.set_flush_denormal(False)
+    common.seed_everything(5)
+    assert draws() == first
+
+
 # ---------------------------------------------------------------- checkpoints and metrics
 
 def trained_model_and_optimizer(seed):

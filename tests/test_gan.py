@@ -157,6 +157,60 @@ def test_a_discriminator_step_lowers_the_discriminator_loss_and_leaves_the_gener
     assert torch.equal(after["fakes"], before["fakes"])  # the fakes were detached from G
 
 
+def test_r1_penalty_of_a_linear_discriminator_is_the_squared_weight_norm():
+    torch.manual_seed(0)
+    layer = nn.Linear(784, 1)  # logit w.x + b: its gradient in x is w for every image
+    real = real_images(8).reshape(8, 784).requires_grad_(True)
+    penalty = gan.r1_penalty(real, layer(real).squeeze(1))
+    torch.testing.assert_close(penalty, layer.weight.square().sum())
+    penalty.backward()  # differentiable in D's parameters: d||w||^2/dw = 2w
+    torch.testing.assert_close(layer.weight.grad, 2 * layer.weight.detach())
+    assert layer.bias.grad is None or torch.all(layer.bias.grad == 0)
+
+
+def test_r1_adds_its_gradient_to_the_discriminator_step_only():
+    n, gamma, lr = 16, 3.0, 0.05
+    real = real_images(n).reshape(n, 784)
+
+    def step(r1_gamma):
+        generator, discriminator = networks()
+        torch.manual_seed(1)
+        gan.train(TensorLoader(real, torch.zeros(n), batch_size=n), discriminator, generator,
+                  torch.optim.SGD(generator.parameters(), lr=lr),
+                  torch.optim.SGD(discriminator.parameters(), lr=lr), r1_gamma=r1_gamma)
+        return generator, discriminator
+
+    generator_plain, discriminator_plain = step(0.0)
+    generator_r1, discriminator_r1 = step(gamma)
+    _, reference = networks()  # D before the step: the penalty's gradient is taken there
+    x = real.clone().requires_grad_(True)
+    parameters = list(reference.parameters())
+    penalty_grads = torch.autograd.grad(gan.r1_penalty(x, reference.logits(x)), parameters,
+                                        allow_unused=True, materialize_grads=True)
+    assert penalty_grads[0].abs().max() > 0
+    for plain, with_r1, grad in zip(discriminator_plain.parameters(), discriminator_r1.parameters(),
+                                    penalty_grads, strict=True):
+        torch.testing.assert_close(with_r1 - plain, -lr * gamma / 2 * grad, atol=1e-6, rtol=1e-4)
+    for plain, with_r1 in zip(generator_plain.parameters(), generator_r1.parameters(), strict=True):
+        assert torch.equal(plain, with_r1)
+
+
+def test_update_average_moves_weights_by_one_minus_decay_and_copies_batchnorm_statistics():
+    average, generator = gan.Generator(), gan.Generator()
+    with torch.no_grad():
+        for p in average.parameters():
+            p.fill_(1.0)
+        for p in generator.parameters():
+            p.fill_(3.0)
+        generator.net[3].running_mean.fill_(0.5)
+        generator.net[3].num_batches_tracked.fill_(7)
+    gan.update_average(average, generator, decay=0.75)
+    for p in average.parameters():
+        assert torch.all(p == 1.5)  # 0.75 * 1 + 0.25 * 3
+    assert torch.all(generator.net[0].weight == 3.0)  # the generator itself is untouched
+    assert torch.all(average.net[3].running_mean == 0.5) and average.net[3].num_batches_tracked == 7
+
+
 def test_train_averages_over_batches_and_saves_interval_grids(tmp_path):
     generator, discriminator = networks()
     images = real_images(40)
@@ -334,3 +388,10 @@ def test_bad_values_are_argparse_errors(flag, value, capsys):
         gan.parse_args([flag, value])
     assert exit_info.value.code == 2
     assert "must be a positive" in capsys.readouterr().err
+
+
+def test_a_negative_r1_weight_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gan.parse_args(["--r1_gamma", "-1"])
+    assert exit_info.value.code == 2
+    assert "must be a non-negative number" in capsys.readouterr().err

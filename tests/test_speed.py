@@ -1,6 +1,7 @@
-"""Speed must not change results: each model's training steps done the project's way (fused Adam,
-statistics accumulated on the device, inference_mode evaluation) against the template's plain way,
-from the same seed on the same batches. Plus the benchmark harness's FLOP count and time-to-bar
+"""Speed must not change results: each model's training steps done the project's way (the scripts'
+fused optimizers, statistics accumulated on the device, inference_mode evaluation) against the
+template's plain way, from the same seed on the same batches; the flow's bf16 matmuls are checked in
+test_nf. Plus the benchmark harness's FLOP count and time-to-bar
 reading against known answers, and a --quick smoke run of it on small fake data."""
 
 import json
@@ -40,8 +41,11 @@ def test_gan_fused_adam_and_device_statistics_match_the_template_loop():
     for fused in (True, False):
         torch.manual_seed(0)
         generator, discriminator = gan.Generator(), gan.Discriminator()
-        optimizers = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused)
-                      for m in (generator, discriminator)]
+        if fused:
+            optimizers = gan.make_optimizers(generator, discriminator, gan.parse_args([]))
+        else:
+            optimizers = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999))
+                          for m in (generator, discriminator)]
         torch.manual_seed(1)  # the same z in both runs
         if fused:
             stats = gan.train(batches, discriminator, generator, *optimizers)
@@ -61,14 +65,16 @@ def test_gan_fused_adam_and_device_statistics_match_the_template_loop():
 
 
 def test_vae_training_and_inference_mode_evaluation_match_the_plain_way():
-    """Three steps of a3_vae_template.epoch_iter equal the template's loop with .item() every batch;
-    its evaluation under inference_mode equals the plain mean of model(x) under no_grad."""
+    """Three steps of a3_vae_template.epoch_iter with its fused Adam equal the template's loop with
+    .item() every batch; its evaluation under inference_mode equals the plain mean of model(x) under
+    no_grad."""
     batches = fixed_batches(3, 32, 0.0, 1.0, binary=True)
     models, losses = [], []
     for ours in (True, False):
         torch.manual_seed(0)
         model = vae.VAE(hidden_dim=64, z_dim=4)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = (vae.make_optimizer(model, vae.parse_args(["--lr", "1e-3"])) if ours
+                     else torch.optim.Adam(model.parameters(), lr=1e-3))
         torch.manual_seed(1)  # the same reparameterisation noise in both runs
         if ours:
             losses.append(vae.epoch_iter(model.train(), [images for images, _ in batches], optimizer))
@@ -89,7 +95,7 @@ def test_vae_training_and_inference_mode_evaluation_match_the_plain_way():
 
 
 def test_nf_training_and_evaluation_match_the_plain_way():
-    """Two steps of a3_nf_template.epoch_iter (AdamW without weight decay, bits/dim summed on the
+    """Two steps of a3_nf_template.epoch_iter (its fused AdamW without weight decay, bits/dim summed on the
     device) equal the template's loop (Adam, .item() every batch); its evaluation equals the mean of
     per-batch bits/dim under inference_mode with the same fixed dequantization noise. Clipping is a
     training choice, not a speed-up, so it is left out here."""
@@ -102,7 +108,7 @@ def test_nf_training_and_evaluation_match_the_plain_way():
         model = nf.Model([nf.N_PIXELS])
         torch.manual_seed(1)
         if ours:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
+            optimizer = nf.make_optimizer(model, nf.parse_args(["--lr", "5e-4", "--weight-decay", "0"]))
             losses.append(nf.epoch_iter(model.train(), batches, optimizer))
         else:
             optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
@@ -183,9 +189,10 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
     # By hand, in multiply-adds per image, x3 for forward and both gradients and x2 for first layers fed
     # data or noise, then 2 FLOPs each. VAE: 784*500 (x2), 500*500 + 500*40 and the decoder's
     # 20*500 + 500*500 + 500*784 (x3). GAN: G's 100*128 (x2) and 128*256 + 256*512 + 512*1024 + 1024*784
-    # (x3); D = 784*512 + 512*256 + 256*1 on fakes for G's step (x3), on real and detached fakes (784*512
-    # x2, the rest x3). Flow: 8 couplings of 784*1024 + 1024*1024 + 1024*1568 (x3), but the first
-    # coupling's first layer sees only data (x2).
+    # (x3); D = 784*512 + 512*256 + 256*1 on fakes for G's step (x3), on detached fakes and real images
+    # (784*512 x2, the rest x3), except that our way's R1 penalty needs the real images' gradient (x3; its
+    # double backward is not counted). Flow: 8 couplings of 784*1024 + 1024*1024 + 1024*1568 (x3), but
+    # the first coupling's first layer sees only data (x2).
     d_first, d_rest = 784 * 512, 512 * 256 + 256
     coupling = 784 * 1024 + 1024 * 1024 + 1024 * 1568
     expected_flops = {
@@ -196,7 +203,8 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
     }
     for key, row in report["models"].items():
         assert row["speedup"] == pytest.approx(row["ours"]["images_per_s"] / row["template"]["images_per_s"])
-        assert row["ours"]["linear_flops_per_image"] == expected_flops[key]
+        r1_input_gradient = 2 * d_first if key == "gan" else 0
+        assert row["ours"]["linear_flops_per_image"] == expected_flops[key] + r1_input_gradient
         assert row["template"]["linear_flops_per_image"] == expected_flops[key]
         assert row["ours"]["batch_size"] == {"vae": 128, "gan": 64, "nf": 128}[key]
         assert row["name"] in text
