@@ -207,7 +207,7 @@ def save_interpolations(generator, classifier, out, device):
 def save_loss_plot(curves, stem):
     """Per-epoch losses and the discriminator's mean outputs, side by side."""
     epochs = range(1, len(curves["loss_d"]) + 1)
-    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     ax_loss.plot(epochs, curves["loss_d"], label="discriminator  $-\\log D(x) - \\log(1-D(G(z)))$")
     ax_loss.plot(epochs, curves["loss_g"], label="generator  $-\\log D(G(z))$")
     ax_loss.set_ylabel("mean loss per batch")

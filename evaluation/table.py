@@ -10,9 +10,9 @@ from pathlib import Path
 
 from common import atomic_write, write_json
 
-MODEL_ORDER = ("vae", "vae_z2", "gan", "gan_template", "nf")
-LABELS = {"vae": "VAE", "vae_z2": "VAE (z=2)", "gan": "GAN", "gan_template": "GAN, template training",
-          "nf": "RealNVP flow"}
+MODEL_ORDER = ("vae", "vae_z2", "gan", "gan_no_r1", "gan_template", "nf")
+LABELS = {"vae": "VAE", "vae_z2": "VAE (z=2)", "gan": "GAN", "gan_no_r1": "GAN, without R1",
+          "gan_template": "GAN, template training", "nf": "RealNVP flow"}
 EVALUATION_KEYS = ("fid", "score", "class_fractions", "class_kl_uniform", "parzen_ll", "parzen_se",
                    "parzen_sigma", "n_samples")
 COLUMNS = ("model", "FID ↓", "score ↑", "class KL ↓", "class % min/max", "Parzen LL ↑ (nats)",

@@ -62,21 +62,28 @@ def fake_results(root):
                    "curves": {"val_negative_elbo": [540.0, 140.0]},
                    "test": {"negative_elbo": 140.5, "nll_importance": 138.0, "importance_samples": 500}},
         "gan": {**common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002, "latent_dim": 100,
-                                   "lr_decay_start": 0.5, "ema": 0.999, "real_label": 1.0},
+                                   "lr_decay_start": 0.5, "ema": 0.999, "real_label": 1.0, "r1_gamma": 1.0},
                 "n_params": 2000000, "n_params_generator": 1500000, "epochs_completed": 200,
                 "curves": {"loss_d": [1.2, 1.3], "loss_g": [0.9, 0.8], "d_real": [0.6, 0.55],
                            "d_fake": [0.4, 0.45], "wall_time_s": [1.0, 2.0]},
                 "interpolation_digits": [{"digits": [3, 8], "classifier_confidence": [1.0, 0.99]},
                                          {"digits": [1, 7], "classifier_confidence": [0.98, 1.0]}],
                 "progress": [{"epoch": 1, **fake_evaluation(80.0)}, {"epoch": 200, **fake_evaluation(5.0)}],
-                "evaluation": {"epoch": 200, **fake_evaluation(5.0)}},
+                "evaluation": {"epoch": 200, **fake_evaluation(5.0),
+                               "class_fractions": [0.1, 0.1, 0.1, 0.1, 0.12, 0.1, 0.1, 0.08, 0.1, 0.1]}},
+        "gan_no_r1": {**common, "args": {"n_epochs": 200}, "n_params": 2000000, "epochs_completed": 200,
+                      "curves": {"loss_d": [1.1, 0.9]},
+                      "progress": [{"epoch": 50, **fake_evaluation(40.0)},
+                                   {"epoch": 200, **fake_evaluation(90.0)}],
+                      "evaluation": {"epoch": 200, **fake_evaluation(90.0), "class_fractions": [
+                          0.1, 0.2, 0.03, 0.09, 0.08, 0.1, 0.1, 0.1, 0.1, 0.1]}},
         "gan_template": {**common, "args": {"n_epochs": 200}, "n_params": 2000000, "epochs_completed": 200,
                          "progress": [{"epoch": 100, **fake_evaluation(60.0)},
                                       {"epoch": 200, **fake_evaluation(70.0)}],
                          "evaluation": {"epoch": 200, **fake_evaluation(70.0)}},
         "nf": {**common, "args": {"epochs": 40, "batch_size": 128, "lr": 0.001, "warmup": 1.0, "clip": 100.0,
                         "weight_decay": 0.0},
-               "n_params": 3000000, "epochs_completed": 40,
+               "n_params": 3000000, "epochs_completed": 40, "training_precision": "bf16",
                "curves": {"train_bpd": [8.0, 1.2], "val_bpd": [8.0, 1.25], "wall_time_s": [0.0, 1.0]},
                "test": {"bpd": 1.2468}, "evaluation": fake_evaluation(50.0)},
     }
@@ -125,6 +132,10 @@ def test_numbers_from_fake_results(generated):
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
     assert numbers["GanFid"] == "5.00"
+    assert (numbers["GanFractionMin"], numbers["GanFractionMinDigit"]) == ("8.0", "7")
+    assert (numbers["GanFractionMax"], numbers["GanFractionMaxDigit"]) == ("12.0", "4")
+    assert (numbers["GanNoRoneBestFidEpoch"], numbers["GanNoRoneBestFid"]) == ("50", "40.0")
+    assert numbers["GanNoRoneFractionTwo"] == "3.0" and numbers["GanRGamma"] == "1"
     assert numbers["NfTestBpd"] == "1.247"
     assert (numbers["NfClip"], numbers["NfWarmup"], numbers["NfWeightDecay"]) == ("100", "1", "0")
     assert numbers["NfParzenLl"] == r"\ensuremath{-}123.5"
@@ -147,9 +158,9 @@ def test_newer_evaluation_json_wins(tmp_path):
 def test_tables_from_fake_results(generated):
     rows = [line for line in (generated / "comparison_table.tex").read_text().splitlines()
             if not line.startswith("%")]
-    assert [row.split(" & ")[0] for row in rows] == ["VAE", "GAN", "GAN, template", "RealNVP",
+    assert [row.split(" & ")[0] for row in rows] == ["VAE", "GAN", "GAN, no R1", "GAN, template", "RealNVP",
                                                       r"\midrule real images"]
-    vae, gan, _, nf, real = (row.split(" & ") for row in rows)
+    vae, gan, _, _, nf, real = (row.split(" & ") for row in rows)
     assert vae[5] == r"90.0\,nats" and gan[5] == "n/a" and nf[5] == r"1.247\,bpd"
     assert gan[1:5] == ["2{,}000{,}000", "200", "10.0", "5{,}000"]
     assert real[6] == "0.50" and all(len(row) == 10 for row in (vae, gan, nf, real))
