@@ -113,7 +113,8 @@ def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epo
     """One epoch over ``dataloader``; returns the mean D and G losses and mean D(x), D(G(z)).
 
     ``average``, if given, is a copy of the generator that tracks the moving average of its weights.
-    ``r1_gamma`` > 0 adds the R1 penalty (gamma / 2) * R1 to the discriminator's loss.
+    ``r1_gamma`` > 0 adds the R1 penalty (gamma / 2) * R1 to the discriminator's loss, and so to the
+    mean D loss returned.
     Every ``save_interval`` batches (counted over the whole run) a 5x5 grid of the average (or the
     generator) at ``fixed_z`` goes to ``interval_dir``. Statistics accumulate on the device and are
     read once per epoch.
@@ -204,11 +205,13 @@ def save_interpolations(generator, classifier, out, device):
     return [{"digits": [a, b], "classifier_confidence": [p_a, p_b]} for _, _, a, b, p_a, p_b in pairs]
 
 
-def save_loss_plot(curves, stem):
-    """Per-epoch losses and the discriminator's mean outputs, side by side."""
+def save_loss_plot(curves, stem, r1_gamma=0.0):
+    """Per-epoch losses and the discriminator's mean outputs, side by side; the D loss includes the
+    R1 term when the run had one."""
     epochs = range(1, len(curves["loss_d"]) + 1)
     fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
-    ax_loss.plot(epochs, curves["loss_d"], label="discriminator  $-\\log D(x) - \\log(1-D(G(z)))$")
+    r1_term = f" $+ \\frac{{{r1_gamma:g}}}{{2}} R_1$" if r1_gamma > 0 else ""
+    ax_loss.plot(epochs, curves["loss_d"], label="discriminator  $-\\log D(x) - \\log(1-D(G(z)))$" + r1_term)
     ax_loss.plot(epochs, curves["loss_g"], label="generator  $-\\log D(G(z))$")
     ax_loss.set_ylabel("mean loss per batch")
     ax_d.plot(epochs, curves["d_real"], label="$D(x)$, real")
@@ -356,7 +359,7 @@ def main(argv=None):
 
     common.save_image_grid(generate(sampler, fixed_z), out / "samples_end", nrow=5,
                            title=f"After {args.n_epochs} epochs")
-    save_loss_plot(curves, out / "losses")
+    save_loss_plot(curves, out / "losses", args.r1_gamma)
     metrics = {
         **info,
         "n_params": sum(p.numel() for m in (generator, discriminator) for p in m.parameters()),
