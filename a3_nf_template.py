@@ -171,11 +171,11 @@ def epoch_iter(model, data, optimizer, scheduler=None, clip=None, epoch=0, preci
     device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0
     noise = None if model.training else torch.Generator(device=device).manual_seed(0)
+    precision = precision if model.training else "fp32"
     desc = f"epoch {epoch} {'train' if model.training else 'eval'}"
     for imgs, _ in tqdm(data, desc=desc, leave=False, disable=None):
         imgs = imgs.to(device, non_blocking=True)
-        training_precision = precision if model.training else "fp32"
-        with torch.set_grad_enabled(model.training), common.autocast(training_precision, device):
+        with torch.set_grad_enabled(model.training), common.autocast(precision, device):
             bpd = bits_per_dim(model(imgs, generator=noise))
             loss = bpd.mean()
         if model.training:
