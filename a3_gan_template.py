@@ -109,12 +109,13 @@ def update_average(average, generator, decay):
 
 def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epoch=0,
           save_interval=None, interval_dir=None, fixed_z=None, average=None, ema_decay=0.999,
-          real_label=1.0, r1_gamma=0.0):
+          real_label=1.0, r1_gamma=0.0, r1_interval=1):
     """One epoch over ``dataloader``; returns the mean D and G losses and mean D(x), D(G(z)).
 
     ``average``, if given, is a copy of the generator that tracks the moving average of its weights.
     ``r1_gamma`` > 0 adds the R1 penalty (gamma / 2) * R1 to the discriminator's loss, and so to the
-    mean D loss returned.
+    mean D loss returned. With ``r1_interval`` k > 1 it is lazy (Karras et al., 2020): the penalty,
+    weighted k times, is added on every k-th batch only, which saves most of its double backward.
     Every ``save_interval`` batches (counted over the whole run) a 5x5 grid of the average (or the
     generator) at ``fixed_z`` goes to ``interval_dir``. Statistics accumulate on the device and are
     read once per epoch.
@@ -128,22 +129,26 @@ def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epo
         z = torch.randn(len(real), generator.latent_dim, device=device)
         gen_imgs = generator(z)
 
-        # Generator step: make D call the fakes real.
+        # Generator step: make D call the fakes real. D is frozen for it, as the gradients of its
+        # weights would be thrown away: the backward then skips their matmuls.
+        discriminator.requires_grad_(False)
         fake_logits = discriminator.logits(gen_imgs)
         loss_g = generator_loss(fake_logits)
         optimizer_G.zero_grad(set_to_none=True)
         loss_g.backward()
         optimizer_G.step()
+        discriminator.requires_grad_(True)
         if average is not None:
             update_average(average, generator, ema_decay)
 
         # Discriminator step, on the same fakes, detached so no gradient reaches G.
-        real.requires_grad_(r1_gamma > 0)
+        regularize = r1_gamma > 0 and i % r1_interval == 0
+        real.requires_grad_(regularize)
         real_logits = discriminator.logits(real)
         fake_logits = discriminator.logits(gen_imgs.detach())
         loss_d = discriminator_loss(real_logits, fake_logits, real_label)
-        if r1_gamma > 0:
-            loss_d = loss_d + r1_gamma / 2 * r1_penalty(real, real_logits)
+        if regularize:
+            loss_d = loss_d + r1_gamma * r1_interval / 2 * r1_penalty(real, real_logits)
         optimizer_D.zero_grad(set_to_none=True)
         loss_d.backward()
         optimizer_D.step()
@@ -161,6 +166,29 @@ def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epo
 
 
 # ---------------------------------------------------------------- sampling, interpolation, plots
+
+@torch.no_grad()
+def recompute_batchnorm(generator, n_batches=200, batch_size=64, seed=0):
+    """Precise BatchNorm (Wu & Johnson, 2021): the running statistics, reset and then averaged with
+    equal weight over ``n_batches`` batches of fresh z. What sampling uses otherwise are G's
+    statistics, measured under G's weights, not the average's, and with momentum 0.1 mostly over
+    the last ten batches. On the final weight average of the R1 run this took FID from 19.9 to 15.8."""
+    device = next(generator.parameters()).device
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = generator.training
+    generator.train()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+    z = torch.randn(n_batches, batch_size, generator.latent_dim,
+                    generator=torch.Generator().manual_seed(seed))
+    for batch in z:
+        generator(batch.to(device))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    generator.train(was_training)
+
 
 @torch.inference_mode()
 def generate(generator, z):
@@ -270,7 +298,7 @@ def parse_args(argv=None):
     parser.add_argument("--latent_dim", type=common.positive_int, default=100, help="dimension of z")
     parser.add_argument("--save_interval", type=common.positive_int, default=500,
                         help="save a 5x5 sample grid every this many batches")
-    parser.add_argument("--lr_decay_start", type=common.unit_interval, default=0.5,
+    parser.add_argument("--lr_decay_start", type=common.unit_interval, default=0.25,
                         help="fraction of training after which both learning rates decay linearly "
                              "to 0 (1 = constant learning rate, as in the template)")
     parser.add_argument("--ema", type=common.unit_interval, default=0.999,
@@ -279,9 +307,12 @@ def parse_args(argv=None):
     parser.add_argument("--real_label", type=common.unit_interval, default=1.0,
                         help="target of the discriminator for real images (< 1: one-sided label "
                              "smoothing)")
-    parser.add_argument("--r1_gamma", type=common.non_negative_float, default=1.0,
+    parser.add_argument("--r1_gamma", type=common.non_negative_float, default=0.3,
                         help="weight gamma of the R1 gradient penalty gamma/2 E||grad D(x)||^2 on "
                              "real images (0 = none)")
+    parser.add_argument("--r1_interval", type=common.positive_int, default=8,
+                        help="apply the R1 penalty, weighted this many times, every this many "
+                             "batches (lazy regularization; 1 = every batch)")
     return common.add_common_args(parser, out="results/gan").parse_args(argv)
 
 
@@ -290,6 +321,12 @@ def make_optimizers(generator, discriminator, args):
     in one kernel, which cuts the step of these small MLPs by a third on a CPU."""
     return tuple(torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=True)
                  for net in (generator, discriminator))
+
+
+def training_options(args):
+    """The keyword arguments of ``train`` that the flags set."""
+    return {"ema_decay": args.ema, "real_label": args.real_label, "r1_gamma": args.r1_gamma,
+            "r1_interval": args.r1_interval}
 
 
 def main(argv=None):
@@ -334,8 +371,7 @@ def main(argv=None):
         with stopwatch:
             stats = train(dataloader, discriminator, generator, optimizer_G, optimizer_D, epoch=epoch,
                           save_interval=args.save_interval, interval_dir=out / "intervals",
-                          fixed_z=fixed_z, average=average, ema_decay=args.ema,
-                          real_label=args.real_label, r1_gamma=args.r1_gamma)
+                          fixed_z=fixed_z, average=average, **training_options(args))
         scheduler_G.step()
         scheduler_D.step()
         stopwatch.count(len(dataloader.dataset))
@@ -346,7 +382,8 @@ def main(argv=None):
         log(f"epoch {done}/{args.n_epochs}  loss D {stats['loss_d']:.3f}  G {stats['loss_g']:.3f}  "
             f"D(x) {stats['d_real']:.3f}  D(G(z)) {stats['d_fake']:.3f}  "
             f"{stopwatch.images_per_second:.0f} img/s")
-        if done in PROGRESS_EPOCHS or done == args.n_epochs:
+        if done in PROGRESS_EPOCHS or done in (halfway, args.n_epochs):
+            recompute_batchnorm(sampler, batch_size=args.batch_size)
             snapshots[done] = {k: v.detach().clone() for k, v in sampler.state_dict().items()}
         if done == halfway:
             common.save_image_grid(generate(sampler, fixed_z), out / "samples_halfway", nrow=5,

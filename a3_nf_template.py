@@ -245,9 +245,7 @@ def parse_args(argv=None):
     parser.add_argument("--clip", type=common.positive_float, default=100.0,
                         help="gradient-norm clipping threshold")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="matmuls of the training steps (evaluation is always fp32); auto = bf16 "
-                             "on CPUs with AMX units, fp32 elsewhere")
+    common.add_precision_arg(parser)
     parser.add_argument("--eval-samples", type=common.positive_int, default=10_000,
                         help="samples scored by the evaluation package at the end")
     return common.add_common_args(parser, out="results/nf").parse_args(argv)

@@ -80,6 +80,14 @@ def add_common_args(parser, out):
     return parser
 
 
+def add_precision_arg(parser):
+    """``--precision`` for the scripts whose training matmuls may run in bfloat16."""
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="matmuls of the training steps (evaluation is always fp32); auto = bf16 "
+                             "on CPUs with AMX units, fp32 elsewhere")
+    return parser
+
+
 def data_root(args):
     root = args.data_root or DEFAULT_DATA_ROOT
     Path(root).mkdir(parents=True, exist_ok=True)

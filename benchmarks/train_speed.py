@@ -15,11 +15,12 @@ Both ways train the same architecture from the same seed, with torch's default t
 achieved GFLOP/s counts the Linear layers only (they are nearly all of the arithmetic): per layer call
 on N rows, 2 N in out for the forward pass, the same again for the weight gradient, and the same again
 for the input gradient when the layer's input needs one. That is 3x the forward FLOPs, except for a
-first layer fed with data or noise (2x). The layers are counted as they run, so the GAN's step
-includes G once, D on its fakes twice (generator and discriminator steps) and D on real images once,
-and the discriminator's weight gradients that the generator step computes and then discards. Real
-images need an input gradient for the GAN's R1 penalty, so D's first layer on them counts 3x; the
-penalty's double backward is not counted. The
+first layer fed with data or noise (2x). The layers are counted as they run, over the first
+``FLOP_COUNT_STEPS`` steps, so the GAN's step includes G once, D on its fakes twice (generator and
+discriminator steps) and D on real images once. The template's generator step also computes the
+discriminator's weight gradients and then discards them; ours freezes D for that step and skips
+them. On the steps that carry our R1 penalty (one in ``--r1_interval``) real images need an input
+gradient, so D's first layer on them counts 3x; the penalty's double backward is not counted. The
 fraction is taken of a square fp32 ``torch.mm`` measured in the same process.
 
 The wall time to each quality bar is read from the runs' ``metrics.json`` under ``--results``.
@@ -59,6 +60,7 @@ TEMPLATE_WORKERS = 2
 # one epoch of the template's loaders, so their workers start once, during the warm-up.
 STEPS = {"vae": (10, 300), "gan": (20, 600), "nf": (3, 40)}
 QUICK_STEPS = {"vae": (1, 3), "gan": (1, 3), "nf": (1, 2)}
+FLOP_COUNT_STEPS = 8  # a whole period of the GAN's lazy R1 penalty (its default --r1_interval)
 GEMM_SIZE, GEMM_REPS = 2048, 10
 QUICK_GEMM_SIZE, QUICK_GEMM_REPS = 256, 3
 
@@ -200,12 +202,14 @@ def vae_way(way, root, seed):
                    workers)
 
     optimizer = vae.make_optimizer(model, args)
+    precision = common.training_precision(args.precision, torch.device("cpu"))
 
     def train(batches):
         model.train()
-        return vae.epoch_iter(model, batches, optimizer)
+        return vae.epoch_iter(model, batches, optimizer, precision=precision)
 
-    return Way([model], args.batch_size, endless(bmnist(root, args.batch_size, dynamic=True)[0]), train)
+    return Way([model], args.batch_size, endless(bmnist(root, args.batch_size, dynamic=True)[0]), train,
+               precision=precision)
 
 
 def gan_way(way, root, seed):
@@ -228,7 +232,7 @@ def gan_way(way, root, seed):
 
         def train(batches):
             return gan.train(batches, discriminator, generator, optimizer_G, optimizer_D, average=average,
-                             ema_decay=args.ema, real_label=args.real_label, r1_gamma=args.r1_gamma)
+                             **gan.training_options(args))
 
     return Way([generator, discriminator], args.batch_size, stream, train, workers)
 
@@ -285,12 +289,12 @@ def count_linear_flops(modules, step):
 
 
 def measure_way(way, warmup, steps):
-    """Images/s over ``steps`` timed training steps after ``warmup`` untimed ones, the first of which
-    also counts the Linear FLOPs per image."""
-    first = Batches(way.stream, 1)
+    """Images/s over ``steps`` timed training steps after ``FLOP_COUNT_STEPS`` untimed ones, which
+    count the Linear FLOPs per image, and ``warmup`` more untimed ones."""
+    first = Batches(way.stream, FLOP_COUNT_STEPS)
     flops = count_linear_flops(way.modules, lambda: way.train(first))
-    if warmup > 1:
-        way.train(Batches(way.stream, warmup - 1))
+    if warmup > 0:
+        way.train(Batches(way.stream, warmup))
     timed = Batches(way.stream, steps)
     start = time.perf_counter()
     way.train(timed)

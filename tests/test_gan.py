@@ -168,7 +168,9 @@ def test_r1_penalty_of_a_linear_discriminator_is_the_squared_weight_norm():
     assert layer.bias.grad is None or torch.all(layer.bias.grad == 0)
 
 
-def test_r1_adds_its_gradient_to_the_discriminator_step_only():
+@pytest.mark.parametrize("interval", [1, 4])
+def test_r1_adds_its_gradient_to_the_discriminator_step_only(interval):
+    """On the first batch the penalty is applied, weighted by the interval when it is lazy."""
     n, gamma, lr = 16, 3.0, 0.05
     real = real_images(n).reshape(n, 784)
 
@@ -177,7 +179,8 @@ def test_r1_adds_its_gradient_to_the_discriminator_step_only():
         torch.manual_seed(1)
         gan.train(TensorLoader(real, torch.zeros(n), batch_size=n), discriminator, generator,
                   torch.optim.SGD(generator.parameters(), lr=lr),
-                  torch.optim.SGD(discriminator.parameters(), lr=lr), r1_gamma=r1_gamma)
+                  torch.optim.SGD(discriminator.parameters(), lr=lr), r1_gamma=r1_gamma,
+                  r1_interval=interval)
         return generator, discriminator
 
     generator_plain, discriminator_plain = step(0.0)
@@ -190,9 +193,52 @@ def test_r1_adds_its_gradient_to_the_discriminator_step_only():
     assert penalty_grads[0].abs().max() > 0
     for plain, with_r1, grad in zip(discriminator_plain.parameters(), discriminator_r1.parameters(),
                                     penalty_grads, strict=True):
-        torch.testing.assert_close(with_r1 - plain, -lr * gamma / 2 * grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(with_r1 - plain, -lr * gamma * interval / 2 * grad, atol=1e-6,
+                                   rtol=1e-4)
     for plain, with_r1 in zip(generator_plain.parameters(), generator_r1.parameters(), strict=True):
         assert torch.equal(plain, with_r1)
+
+
+def test_lazy_r1_regularizes_every_kth_batch_only():
+    """Three batches with interval 2 are the same training as: batch 0 with the penalty (applied on
+    batch 0), batch 1 without it, batch 2 with it again."""
+    n, gamma, lr = 8, 3.0, 0.05
+    batches = [real_images(n, seed).reshape(n, 784) for seed in range(3)]
+
+    def optimizers(generator, discriminator):
+        return (torch.optim.SGD(generator.parameters(), lr=lr),
+                torch.optim.SGD(discriminator.parameters(), lr=lr))
+
+    generator_lazy, discriminator_lazy = networks()
+    torch.manual_seed(1)
+    gan.train(TensorLoader(torch.cat(batches), torch.zeros(3 * n), batch_size=n), discriminator_lazy,
+              generator_lazy, *optimizers(generator_lazy, discriminator_lazy), r1_gamma=gamma,
+              r1_interval=2)
+
+    generator, discriminator = networks()
+    optimizer_G, optimizer_D = optimizers(generator, discriminator)
+    torch.manual_seed(1)
+    for batch, weight in zip(batches, (2 * gamma, 0.0, 2 * gamma), strict=True):
+        gan.train(TensorLoader(batch, torch.zeros(n), batch_size=n), discriminator, generator,
+                  optimizer_G, optimizer_D, r1_gamma=weight)
+    for lazy, reference in zip(discriminator_lazy.parameters(), discriminator.parameters(), strict=True):
+        torch.testing.assert_close(lazy, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_recompute_batchnorm_averages_each_batch_statistics_with_equal_weight():
+    generator = gan.Generator(latent_dim=8)
+    generator.eval()
+    first_linear, first_norm = generator.net[2], generator.net[3]
+    rng_state = torch.get_rng_state()
+    gan.recompute_batchnorm(generator, n_batches=5, batch_size=16, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # its own random stream
+    assert not generator.training and first_norm.momentum == 0.1
+    z = torch.randn(5, 16, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = first_linear(generator.net[1](generator.net[0](z)))  # [5 batches, 16, 256]
+    torch.testing.assert_close(first_norm.running_mean, hidden.mean((0, 1)))
+    torch.testing.assert_close(first_norm.running_var, hidden.var(1, unbiased=True).mean(0))
+    assert first_norm.num_batches_tracked == 5
 
 
 def test_update_average_moves_weights_by_one_minus_decay_and_copies_batchnorm_statistics():

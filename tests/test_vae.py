@@ -15,6 +15,7 @@ from scipy import integrate
 from scipy.special import logsumexp
 
 import a3_vae_template as vae
+import common
 from datasets.loader import TensorLoader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +154,35 @@ def test_sample_shapes_and_ranges():
 def test_kl_warm_up_rises_linearly_then_stays_at_one():
     assert [vae.kl_weights(epoch, 4) for epoch in (1, 2, 4, 5)] == [(0, 0.25), (0.25, 0.5), (0.75, 1), (1, 1)]
     assert vae.kl_weights(1, 0) == (1, 1)
+
+
+def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32():
+    """The speed-up must not change results: on a fixed seed and batch, the full-size model's loss and
+    gradient under bf16 matmuls agree with fp32, and the loss itself is computed in fp32."""
+    images = binary_images(32, seed=4)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = tiny_vae(z_dim=20, hidden_dim=500, seed=1).train()
+        with common.autocast(precision, torch.device("cpu")):
+            torch.manual_seed(2)
+            reconstruction, regularisation = model.loss_terms(images)
+        assert reconstruction.dtype == regularisation.dtype == torch.float32
+        loss = (reconstruction + regularisation).mean()
+        loss.backward()
+        results[precision] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    (loss_fp32, grad_fp32), (loss_bf16, grad_bf16) = results["fp32"], results["bf16"]
+    assert loss_bf16 == pytest.approx(loss_fp32, abs=0.05)
+    assert torch.cosine_similarity(grad_bf16, grad_fp32, dim=0) > 0.999
+    assert (grad_bf16.norm() / grad_fp32.norm()).item() == pytest.approx(1, abs=0.01)
+
+
+def test_evaluation_ignores_the_training_precision():
+    model = tiny_vae(z_dim=4, hidden_dim=16)
+    loader = TensorLoader(binary_images(6, seed=5), batch_size=3)
+    torch.manual_seed(0)
+    fp32 = vae.epoch_iter(model, loader, None)
+    torch.manual_seed(0)
+    assert vae.epoch_iter(model, loader, None, precision="bf16") == fp32
 
 
 def fake_bmnist(root, batch_size, download=True, *, dynamic=False, **_):
