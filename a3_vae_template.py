@@ -23,6 +23,7 @@ sample evaluation of the ``evaluation`` package when it is importable.
 """
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -252,16 +253,16 @@ def epoch_iter(model, data, optimizer, kl_weight=(1.0, 1.0), precision="fp32"):
     """
     device = next(model.parameters()).device
     betas = torch.linspace(*kl_weight, len(data) + 1)[1:].tolist()
-    if model.training:
-        context = common.autocast(precision, device)
-    else:
-        context = torch.inference_mode()
+    context = contextlib.nullcontext() if model.training else torch.inference_mode()
     with context:
         total = torch.zeros((), device=device)
         n_images = 0
         for step, (beta, batch) in enumerate(zip(betas, tqdm(data, leave=False, disable=None), strict=True)):
             x = batch.to(device).reshape(-1, IMAGE_DIM)
-            reconstruction, regularisation = model.loss_terms(x)
+            # Only the forward pass: autocast caches its bf16 copies of the weights until its region
+            # ends, so a region around the optimizer step too would keep using the stale copies.
+            with common.autocast(precision if model.training else "fp32", device):
+                reconstruction, regularisation = model.loss_terms(x)
             if model.training:
                 loss = (reconstruction + beta * regularisation).mean()
                 common.check_finite(loss, f"training batch {step}")

@@ -135,7 +135,9 @@ def training_precision(name, device):
 
 def autocast(precision, device):
     """Mixed precision for a training forward pass: with "bf16" the matmuls run in bfloat16, while
-    weights, gradients and optimizer state stay fp32. A no-op for "fp32"."""
+    weights, gradients and optimizer state stay fp32. A no-op for "fp32". Open one region per forward
+    pass: the bf16 copies of the weights are cached until the region ends, so an optimizer step inside
+    it would not reach the next forward pass."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

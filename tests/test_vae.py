@@ -176,6 +176,28 @@ def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32():
     assert (grad_bf16.norm() / grad_fp32.norm()).item() == pytest.approx(1, abs=0.01)
 
 
+def test_bf16_epoch_trains_on_the_updated_weights_at_every_step():
+    """Two bf16 steps of epoch_iter equal two steps that each open their own autocast region: the
+    second forward pass must see the weights of the first update, not autocast's cached copies."""
+    images = binary_images(8, seed=6)
+    stepped = tiny_vae(z_dim=4, hidden_dim=32, seed=2).train()
+    optimizer = torch.optim.SGD(stepped.parameters(), lr=0.1)
+    torch.manual_seed(3)
+    vae.epoch_iter(stepped, TensorLoader(images, batch_size=4), optimizer, precision="bf16")
+
+    reference = tiny_vae(z_dim=4, hidden_dim=32, seed=2).train()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    torch.manual_seed(3)
+    for batch in images.split(4):
+        with common.autocast("bf16", torch.device("cpu")):
+            loss = reference(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for trained, expected in zip(stepped.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(trained, expected)
+
+
 def test_evaluation_ignores_the_training_precision():
     model = tiny_vae(z_dim=4, hidden_dim=16)
     loader = TensorLoader(binary_images(6, seed=5), batch_size=3)
