@@ -78,6 +78,7 @@ NUMBERS = [
     Number("VaeBatchSize", "vae", ("args", "batch_size"), "int"),
     Number("VaeLr", "vae", ("args", "lr"), "g"),
     Number("VaeWarmupEpochs", "vae", ("args", "warmup_epochs"), "int"),
+    Number("VaePrecision", "vae", ("training_precision",), "text"),
     Number("VaeTestNegElbo", "vae", ("test", "negative_elbo"), "f2"),
     Number("VaeTestNll", "vae", ("test", "nll_importance"), "f2"),
     Number("VaeImportanceSamples", "vae", ("test", "importance_samples"), "int"),
@@ -102,6 +103,7 @@ NUMBERS = [
     Number("GanEma", "gan", ("args", "ema"), "g"),
     Number("GanRealLabel", "gan", ("args", "real_label"), "g"),
     Number("GanRGamma", "gan", ("args", "r1_gamma"), "g"),
+    Number("GanRoneInterval", "gan", ("args", "r1_interval"), "int"),
     *evaluation_numbers("GanTemplate", "gan_template"),
     *evaluation_numbers("GanNoRone", "gan_no_r1"),
     Number("GanNoRoneFractionOne", "gan_no_r1", ("evaluation", "class_fractions", 1), "f1", 100),
@@ -121,6 +123,7 @@ NUMBERS = [
     Number("NfValBpd", "nf", ("curves", "val_bpd", -1), "f3"),
     Number("NfPrecision", "nf", ("training_precision",), "text"),
     Number("ClassifierAccuracy", "reference", ("classifier_test_accuracy",), "f2", 100),
+    Number("RealFid", "reference", ("rows", 0, "fid"), "f2"),
 ]
 
 
@@ -154,7 +157,11 @@ def derived_numbers(metrics):
     gan_epochs = get("gan", "args", "n_epochs")
     nll, negative_elbo = get("vae", "test", "nll_importance"), get("vae", "test", "negative_elbo")
     times = [get(run, "wall_time_s") for run in RUNS]
-    decay_start = get("gan", "args", "lr_decay_start")
+
+    def decay_epoch(run):
+        """The epoch from which a GAN run's learning rates decayed, as main() computes it."""
+        start, epochs = get(run, "args", "lr_decay_start"), get(run, "args", "n_epochs")
+        return int(start * epochs) if is_number(start) and isinstance(epochs, int) else None
 
     def best_progress(run, key, pick):
         """(epoch, value) of the progress entry with the best ``key`` (pick = min or max)."""
@@ -178,8 +185,8 @@ def derived_numbers(metrics):
         "VaeTestNllBpd": (nll / (784 * math.log(2)) if is_number(nll) else None, "f3"),
         "VaeElboGap": (negative_elbo - nll if is_number(nll) and is_number(negative_elbo) else None, "f2"),
         "TotalTrainHours": (sum(times) / 3600 if all(map(is_number, times)) else None, "f1"),
-        "GanLrDecayEpoch": (decay_start * gan_epochs if is_number(decay_start) and isinstance(gan_epochs, int)
-                            else None, "int"),
+        "GanLrDecayEpoch": (decay_epoch("gan"), "int"),
+        "GanNoRoneLrDecayEpoch": (decay_epoch("gan_no_r1"), "int"),
         "GanBestFidEpoch": (gan_best_epoch, "int"),
         "GanBestFid": (gan_best_fid, "f1"),
         "GanBestScore": (gan_best_score, "f2"),

@@ -48,7 +48,7 @@ def fake_results(root):
     runs = {
         "vae": {**common, "args": {"epochs": VAE_EPOCHS, "zdim": 20, "hidden_dim": 500, "batch_size": 128,
                                    "lr": 0.001, "warmup_epochs": 5, "seed": 42},
-                "n_params": 1234567, "epochs_completed": VAE_EPOCHS,
+                "n_params": 1234567, "epochs_completed": VAE_EPOCHS, "training_precision": "fp32",
                 "curves": {"train_negative_elbo": [543.21, 100.0, 95.555],
                            "val_negative_elbo": [541.09, 101.0, 96.004], "wall_time_s": [0.0, 1.0, 2.0]},
                 "test": {"negative_elbo": 96.1234, "nll_importance": 90.0, "importance_samples": 500},
@@ -62,7 +62,8 @@ def fake_results(root):
                    "curves": {"val_negative_elbo": [540.0, 140.0]},
                    "test": {"negative_elbo": 140.5, "nll_importance": 138.0, "importance_samples": 500}},
         "gan": {**common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002, "latent_dim": 100,
-                                   "lr_decay_start": 0.5, "ema": 0.999, "real_label": 1.0, "r1_gamma": 1.0},
+                                   "lr_decay_start": 0.25, "ema": 0.999, "real_label": 1.0, "r1_gamma": 1.0,
+                                   "r1_interval": 8},
                 "n_params": 2000000, "n_params_generator": 1500000, "epochs_completed": 200,
                 "curves": {"loss_d": [1.2, 1.3], "loss_g": [0.9, 0.8], "d_real": [0.6, 0.55],
                            "d_fake": [0.4, 0.45], "wall_time_s": [1.0, 2.0]},
@@ -71,7 +72,7 @@ def fake_results(root):
                 "progress": [{"epoch": 1, **fake_evaluation(80.0)}, {"epoch": 200, **fake_evaluation(5.0)}],
                 "evaluation": {"epoch": 200, **fake_evaluation(5.0),
                                "class_fractions": [0.1, 0.1, 0.1, 0.1, 0.12, 0.1, 0.1, 0.08, 0.1, 0.1]}},
-        "gan_no_r1": {**common, "args": {"n_epochs": 200}, "n_params": 2000000, "epochs_completed": 200,
+        "gan_no_r1": {**common, "args": {"n_epochs": 200, "lr_decay_start": 0.5}, "n_params": 2000000, "epochs_completed": 200,
                       "curves": {"loss_d": [1.1, 0.9]},
                       "progress": [{"epoch": 50, **fake_evaluation(40.0)},
                                    {"epoch": 200, **fake_evaluation(90.0)}],
@@ -128,6 +129,8 @@ def test_numbers_from_fake_results(generated):
     assert numbers["VaeTestNllBpd"] == f"{90.0 / (784 * math.log(2)):.3f}"
     assert numbers["VaeZtwoZdim"] == "2"
     assert numbers["GanHalfwayEpoch"] == "100"
+    assert (numbers["GanLrDecayEpoch"], numbers["GanNoRoneLrDecayEpoch"]) == ("50", "100")
+    assert numbers["GanRoneInterval"] == "8" and numbers["VaePrecision"] == "fp32"
     assert numbers["GanLr"] == "0.0002"
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
@@ -140,7 +143,7 @@ def test_numbers_from_fake_results(generated):
     assert (numbers["NfClip"], numbers["NfWarmup"], numbers["NfWeightDecay"]) == ("100", "1", "0")
     assert numbers["NfParzenLl"] == r"\ensuremath{-}123.5"
     assert numbers["TotalTrainHours"] == f"{4 * 600 / 3600:.1f}"
-    assert numbers["ClassifierAccuracy"] == "99.00"
+    assert numbers["ClassifierAccuracy"] == "99.00" and numbers["RealFid"] == "0.50"
 
 
 def test_newer_evaluation_json_wins(tmp_path):
