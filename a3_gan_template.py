@@ -5,10 +5,11 @@ The generator and discriminator are the template's MLPs. The discriminator retur
 log(0). Training follows the template: Adam(lr=2e-4, betas=(0.5, 0.999)) for both networks, batch 64,
 200 epochs over all 60,000 training images scaled to [-1, 1]. Three additions, all switchable, keep
 training from drifting away from good, class-balanced samples: an R1 gradient penalty on the
-discriminator (Mescheder et al., 2018), without which D slowly wins, the fakes get worse after epoch 50
-and some digits crowd out others; learning rates that decay linearly to zero over the second half of
-training; and samples drawn from an exponential moving average of the generator's weights (Yazici et
-al., 2019), which smooths out the oscillation of adversarial training.
+discriminator (Mescheder et al., 2018), applied lazily on every 8th batch, without which D slowly
+wins, the fakes get worse after epoch 50 and some digits crowd out others; learning rates that decay
+linearly to zero over the last three quarters of training; and samples drawn from an exponential
+moving average of the generator's weights (Yazici et al., 2019), which smooths out the oscillation
+of adversarial training, with batch-norm statistics recomputed for the averaged weights.
 
     python a3_gan_template.py                 # full run into results/gan/
     python a3_gan_template.py --resume        # continue an interrupted run (or redraw a finished one)
