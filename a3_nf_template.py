@@ -164,6 +164,15 @@ def bits_per_dim(log_px):
     return -log_px / (N_PIXELS * math.log(2))
 
 
+def clip_gradients(model, max_norm):
+    """clip_grad_norm_, without its pass that multiplies all 27M gradients by a coefficient of 1 when
+    the norm is already below ``max_norm`` (as it is on most steps): 5-7 ms of a ~100 ms CPU step."""
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    norm = nn.utils.get_total_norm([p.grad for p in parameters])
+    if norm > max_norm:
+        nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+
+
 def epoch_iter(model, data, optimizer, scheduler=None, clip=None, epoch=0, precision="fp32"):
     """Average bits/dim over ``data``. Trains when ``model.training``, with the coupling networks'
     matmuls in ``precision``; otherwise evaluates in fp32 without gradients and with fixed
@@ -183,7 +192,7 @@ def epoch_iter(model, data, optimizer, scheduler=None, clip=None, epoch=0, preci
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
+                clip_gradients(model, clip)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

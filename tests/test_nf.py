@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from scipy import stats
 from scipy.special import expit, logit
+from torch import nn
 
 import a3_nf_template as nf
 import common
@@ -298,6 +299,28 @@ def test_train_epoch_averages_bpd_before_each_step_and_learns(small_couplings):
 
 
 # ---------------------------------------------------------------- bf16 training matmuls
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_gradients_matches_clip_grad_norm(max_norm):
+    """Above the threshold the gradients are scaled exactly as by clip_grad_norm_; below it they are
+    left bit for bit as they were."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+        model(torch.randn(8, 6)).square().sum().backward()
+        models.append(model)
+    before = [p.grad.clone() for p in models[0].parameters()]
+    nf.clip_gradients(models[0], max_norm)
+    nn.utils.clip_grad_norm_(models[1].parameters(), max_norm)
+    for ours, reference, original in zip(models[0].parameters(), models[1].parameters(), before,
+                                         strict=True):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-6, atol=0)
+        if max_norm > 1:
+            assert torch.equal(ours.grad, original)
+    total = nn.utils.get_total_norm([p.grad for p in models[0].parameters()])
+    assert total <= max_norm * (1 + 1e-5) and (max_norm > 1 or total == pytest.approx(max_norm))
+
 
 def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32():
     """The speed-up must not change results: on a fixed seed and batch, the full-size model's bpd and
