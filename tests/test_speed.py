@@ -210,6 +210,10 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
         assert row["ours"]["linear_flops_per_image"] == pytest.approx(ours)
         assert row["template"]["linear_flops_per_image"] == expected_flops[key]
         assert row["ours"]["batch_size"] == {"vae": 128, "gan": 64, "nf": 128}[key]
+        for way in ("template", "ours"):  # the median of the alternating rounds (the lower one of two)
+            rounds = row[way]["rounds_images_per_s"]
+            assert len(rounds) == train_speed.QUICK_ROUNDS == 2
+            assert row[way]["images_per_s"] == min(rounds)
         assert row["name"] in text
     assert report["matmul"]["gflops_median"] > 0
     assert report["machine"]["torch"] == torch.__version__
