@@ -21,7 +21,7 @@ discriminator steps) and D on real images once. The template's generator step al
 discriminator's weight gradients and then discards them; ours freezes D for that step and skips
 them. On the steps that carry our R1 penalty (one in ``--r1_interval``) real images need an input
 gradient, so D's first layer on them counts 3x; the penalty's double backward is not counted. The
-fraction is taken of a square fp32 ``torch.mm`` measured in the same process.
+fraction is taken of the fastest of 20 square fp32 ``torch.mm`` measured in the same process.
 
 The wall time to each quality bar is read from the runs' ``metrics.json`` under ``--results``.
 Everything lands in ``<out>/benchmark.md`` and ``<out>/benchmark.json``, with the machine's facts.
@@ -64,7 +64,7 @@ QUICK_STEPS = {"vae": (1, 3), "gan": (1, 3), "nf": (1, 2)}
 # tens of percent over minutes, which would otherwise land on whichever way ran in a slow stretch.
 ROUNDS, QUICK_ROUNDS = 3, 2
 FLOP_COUNT_STEPS = 8  # a whole period of the GAN's lazy R1 penalty (its default --r1_interval)
-GEMM_SIZE, GEMM_REPS = 2048, 10
+GEMM_SIZE, GEMM_REPS = 2048, 20
 QUICK_GEMM_SIZE, QUICK_GEMM_REPS = 256, 3
 
 VAE_BAR, NF_BAR, GAN_BAR = 100.0, 1.85, 9.0
@@ -447,7 +447,7 @@ def goals(report):
          "value": f"{models['gan']['speedup']:.2f}x", "met": models["gan"]["speedup"] >= GOAL_SPEEDUP},
         {"goal": f"flow training step >= {GOAL_MATMUL_FRACTION:.0%} of matmul throughput",
          "value": f"{models['nf']['ours']['matmul_fraction']:.0%}" + (
-             f" (bf16 matmuls: {models['nf']['ours']['gflops'] / report['matmul_bf16']['gflops_median']:.0%}"
+             f" (bf16 matmuls: {models['nf']['ours']['gflops'] / report['matmul_bf16']['gflops_best']:.0%}"
              " of the bf16 rate)" if models["nf"]["ours"]["precision"] == "bf16" else ""),
          "met": models["nf"]["ours"]["matmul_fraction"] >= GOAL_MATMUL_FRACTION},
         {"goal": f"flow below {NF_BAR:g} validation bpd in <= {GOAL_NF_SECONDS // 60} min",
@@ -488,9 +488,10 @@ def markdown(report):
         "|---|---|",
         *(f"| {key} | {value} |" for key, value in machine.items()),
         "",
-        f"fp32 matmul ({gemm['size']}x{gemm['size']}, median of {gemm['reps']}): "
-        f"**{gemm['gflops_median']:.1f} GFLOP/s** (best {gemm['gflops_best']:.1f}); the same in bf16: "
-        f"{report['matmul_bf16']['gflops_median']:.1f} GFLOP/s. The goal's fraction is of the fp32 rate; "
+        f"fp32 matmul ({gemm['size']}x{gemm['size']}, best of {gemm['reps']}): "
+        f"**{gemm['gflops_best']:.1f} GFLOP/s** (median {gemm['gflops_median']:.1f}); the same in bf16: "
+        f"{report['matmul_bf16']['gflops_best']:.1f} GFLOP/s. The best repetition is the machine's rate, as "
+        "noise only ever slows one down. The goal's fraction is of the fp32 rate; "
         "a model whose training matmuls run in bf16 (column precision) can exceed what fp32 could reach.",
         "",
         "## Training throughput, end to end with data loading",
@@ -554,8 +555,8 @@ def main(argv=None):
     report = {"run": common.run_info(args, "cpu"), "machine": machine_facts(),
               "matmul": matmul_gflops(*gemm), "matmul_bf16": matmul_gflops(*gemm, torch.bfloat16),
               "models": {}}
-    peak = report["matmul"]["gflops_median"]
-    print(f"fp32 matmul: {peak:.1f} GFLOP/s, bf16: {report['matmul_bf16']['gflops_median']:.1f}",
+    peak = report["matmul"]["gflops_best"]
+    print(f"fp32 matmul: {peak:.1f} GFLOP/s, bf16: {report['matmul_bf16']['gflops_best']:.1f}",
           flush=True)
     rounds = QUICK_ROUNDS if args.quick else ROUNDS
     for key, (name, build) in MODELS.items():

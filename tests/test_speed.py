@@ -215,7 +215,10 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
             assert len(rounds) == train_speed.QUICK_ROUNDS == 2
             assert row[way]["images_per_s"] == min(rounds)
         assert row["name"] in text
-    assert report["matmul"]["gflops_median"] > 0
+    assert report["matmul"]["gflops_best"] >= report["matmul"]["gflops_median"] > 0
+    best = report["matmul"]["gflops_best"]
+    for row in report["models"].values():  # the fraction is of the machine's best GEMM rate
+        assert row["ours"]["matmul_fraction"] == pytest.approx(row["ours"]["gflops"] / best)
     assert report["machine"]["torch"] == torch.__version__
     assert report["machine"]["torch_threads"] == 1
     assert "0.3 min (epoch 2)" in text and "not reached (best 1.86)" in text
