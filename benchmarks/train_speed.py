@@ -56,9 +56,10 @@ from datasets.bmnist import bmnist  # noqa: E402
 from datasets.mnist import mnist, mnist_gan  # noqa: E402
 
 TEMPLATE_WORKERS = 2
-# (warm-up steps, timed steps) per model: about a minute and a half in all on two cores. Both fit in
-# one epoch of the template's loaders, so their workers start once, during the warm-up.
-STEPS = {"vae": (10, 100), "gan": (20, 200), "nf": (3, 15)}  # (warm-up, timed) steps per round
+# (warm-up steps, timed steps) per model and round: about two minutes in all on two cores. Each round
+# builds its loaders afresh, and the FLOP-counting, warm-up and timed steps fit in one epoch of the
+# template's loaders, so their workers start once per round, before the timing.
+STEPS = {"vae": (10, 100), "gan": (20, 200), "nf": (3, 15)}
 QUICK_STEPS = {"vae": (1, 3), "gan": (1, 3), "nf": (1, 2)}
 # The two ways alternate over rounds and each reports its median round: this machine's speed drifts by
 # tens of percent over minutes, which would otherwise land on whichever way ran in a slow stretch.
