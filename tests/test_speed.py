@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import N_FAKE_TRAIN
 
 import a3_gan_template as gan
 import a3_nf_template as nf
@@ -205,8 +206,9 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
         ours = expected_flops[key]
         if key == "gan":  # D frozen for G's step: no weight gradients there (x2, not x3). The first of the
             # 8 counted steps carries the R1 penalty, which gives its 64 real images an input gradient; the
-            # 120 fake images make batches of 64 and 56.
-            ours += 2 * (-(d_first + d_rest) + d_first * 64 / (4 * 64 + 4 * 56))
+            # fake images make alternating batches of 64 and N_FAKE_TRAIN - 64, so the 8 steps see 4 epochs.
+            counted_images = train_speed.FLOP_COUNT_STEPS // 2 * N_FAKE_TRAIN
+            ours += 2 * (-(d_first + d_rest) + d_first * 64 / counted_images)
         assert row["ours"]["linear_flops_per_image"] == pytest.approx(ours)
         assert row["template"]["linear_flops_per_image"] == expected_flops[key]
         assert row["ours"]["batch_size"] == {"vae": 128, "gan": 64, "nf": 128}[key]
