@@ -211,7 +211,7 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
             ours += 2 * (-(d_first + d_rest) + d_first * 64 / counted_images)
         assert row["ours"]["linear_flops_per_image"] == pytest.approx(ours)
         assert row["template"]["linear_flops_per_image"] == expected_flops[key]
-        assert row["ours"]["batch_size"] == {"vae": 128, "gan": 64, "nf": 128}[key]
+        assert row["ours"]["batch_size"] == {"vae": 128, "gan": 64, "nf": 256}[key]
         for way in ("template", "ours"):  # the median of the alternating rounds (the lower one of two)
             rounds = row[way]["rounds_images_per_s"]
             assert len(rounds) == train_speed.QUICK_ROUNDS == 2
