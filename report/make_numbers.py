@@ -3,8 +3,9 @@
     python report/make_numbers.py [--results results] [--out report/generated]
 
 Reads results/{vae,vae_z2,gan,nf}/metrics.json (plus results/gan_template/ and results/gan_no_r1/, the
-template GAN and the GAN without the R1 penalty that results/gan improves on, and the flow's
-learning-rate sweep results/nf/lr_sweep/), each run's sample evaluation as the comparison table of
+template GAN and the GAN without the R1 penalty that results/gan improves on, the flow's
+learning-rate sweep results/nf/lr_sweep/ and its earlier default run at batch 128,
+results/nf/batch_128/), each run's sample evaluation as the comparison table of
 the evaluation package picks it (metrics.json, or a newer evaluation.json), and
 results/reference.json (real images measured the same way), and writes into --out:
   numbers.tex           one \\newcommand per number, e.g. \\VaeTestNegElbo
@@ -122,6 +123,10 @@ NUMBERS = [
     Number("NfTrainBpd", "nf", ("curves", "train_bpd", -1), "f3"),
     Number("NfValBpd", "nf", ("curves", "val_bpd", -1), "f3"),
     Number("NfPrecision", "nf", ("training_precision",), "text"),
+    Number("NfSmallBatchSize", "nf_batch128", ("args", "batch_size"), "int"),
+    Number("NfSmallBatchValBpd", "nf_batch128", ("curves", "val_bpd", -1), "f3"),
+    Number("NfSmallBatchTestBpd", "nf_batch128", ("test", "bpd"), "f3"),
+    Number("NfSmallBatchTrainMinutes", "nf_batch128", ("wall_time_s",), "f1", 1 / 60),
     Number("ClassifierAccuracy", "reference", ("classifier_test_accuracy",), "f2", 100),
     Number("RealFid", "reference", ("rows", 0, "fid"), "f2"),
 ]
@@ -255,6 +260,9 @@ def load_metrics(results):
     # The flow's learning-rate sweep (results/nf/README.md): one metrics file per run.
     metrics["nf_sweep"] = [json.loads(path.read_text())
                            for path in sorted((Path(results) / "nf" / "lr_sweep").glob("run_*.json"))]
+    batch_128 = Path(results) / "nf" / "batch_128" / "metrics.json"  # the flow's default before batch 256
+    if batch_128.exists():
+        metrics["nf_batch128"] = json.loads(batch_128.read_text())
     for run in (*RUNS, *BASELINE_RUNS):
         if run in metrics:
             metrics[run]["evaluation"] = latest_evaluation(Path(results) / run, metrics[run])

@@ -95,6 +95,10 @@ def fake_results(root):
     (root / "nf" / "lr_sweep").mkdir()
     (root / "nf" / "lr_sweep" / "run_a.json").write_text(
         json.dumps({"args": {"lr": 0.002, "weight_decay": 0.0001}, "curves": {"val_bpd": [8.0, 1.5]}}))
+    (root / "nf" / "batch_128").mkdir()
+    (root / "nf" / "batch_128" / "metrics.json").write_text(json.dumps(
+        {"args": {"batch_size": 128}, "curves": {"val_bpd": [8.0, 1.2512]}, "test": {"bpd": 1.2401},
+         "wall_time_s": 1800.0}))
     reference = {"fingerprint": "x", "classifier_test_accuracy": 0.99,
                  "rows": [{"name": "real_train", **fake_evaluation(0.5)}]}
     (root / "reference.json").write_text(json.dumps(reference))
@@ -141,6 +145,8 @@ def test_numbers_from_fake_results(generated):
     assert (numbers["GanNoRoneBestFidEpoch"], numbers["GanNoRoneBestFid"]) == ("50", "40.0")
     assert numbers["GanNoRoneFractionTwo"] == "3.0" and numbers["GanRGamma"] == "1"
     assert numbers["NfTestBpd"] == "1.247"
+    assert (numbers["NfSmallBatchSize"], numbers["NfSmallBatchValBpd"], numbers["NfSmallBatchTestBpd"],
+            numbers["NfSmallBatchTrainMinutes"]) == ("128", "1.251", "1.240", "30.0")
     assert (numbers["NfClip"], numbers["NfWarmup"], numbers["NfWeightDecay"]) == ("100", "1", "0")
     assert numbers["NfParzenLl"] == r"\ensuremath{-}123.5"
     assert numbers["TotalTrainHours"] == f"{4 * 600 / 3600:.1f}"
