@@ -9,7 +9,7 @@ checkerboard masks to z ~ N(0, I). Change of variables (Q3.1):
 where the log-determinant adds up the scaling, the logit and every coupling. Reported as bits per
 dimension, -log2 p(x) / 784, the likelihood of the dequantized image in [0, 256)^784.
 
-    python a3_nf_template.py                 # full run (60 epochs) into results/nf/
+    python a3_nf_template.py                 # full run (40 epochs) into results/nf/
     python a3_nf_template.py --resume        # continue an interrupted run (or redraw a finished one)
 """
 
@@ -246,9 +246,7 @@ def load_sampler(checkpoint_path, device="cpu"):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=common.positive_int, default=60,
-                        help="number of epochs (60 at batch 256 take less time than the template's 40 "
-                             "at batch 128 on a CPU)")
+    parser.add_argument("--epochs", type=common.positive_int, default=40, help="number of epochs")
     parser.add_argument("--batch-size", type=common.positive_int, default=256,
                         help="batch size (256: each step's AdamW update and bf16 weight casts pass "
                              "over all 27.7M parameters, so larger batches spread that cost over more "
