@@ -19,8 +19,10 @@ first layer fed with data or noise (2x). The layers are counted as they run, ove
 ``FLOP_COUNT_STEPS`` steps, so the GAN's step includes G once, D on its fakes twice (generator and
 discriminator steps) and D on real images once. The template's generator step also computes the
 discriminator's weight gradients and then discards them; ours freezes D for that step and skips
-them. On the steps that carry our R1 penalty (one in ``--r1_interval``) real images need an input
-gradient, so D's first layer on them counts 3x; the penalty's double backward is not counted. The
+them. Ours scores real and fake images in one pass of D for its own step. On the steps that carry
+our R1 penalty (one in ``--r1_interval``) real images need an input gradient, which that pass then
+computes for the fakes as well, so D's first layer counts 3x on both; the penalty's double backward
+is not counted. The
 fraction is taken of the fastest of 20 square fp32 ``torch.mm`` measured in the same process.
 
 The wall time to each quality bar is read from the runs' ``metrics.json`` under ``--results``.

@@ -27,16 +27,28 @@ def fixed_batches(n, batch_size, low, high, seed=0, binary=False):
     return batches
 
 
-def assert_same_parameters(ours, reference, atol):
+def assert_same_parameters(ours, reference, atol, loose=(), loose_atol=None):
+    """State dicts equal to ``atol``; the entries named in ``loose`` only to ``loose_atol``."""
     for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=f"{name} differs")
+        tolerance = loose_atol if name in loose else atol
+        torch.testing.assert_close(a, b, rtol=0, atol=tolerance, msg=f"{name} differs")
+
+
+def biases_before_batchnorm(sequential):
+    """Names of the Linear biases that feed a BatchNorm: BN subtracts the batch mean, so their exact
+    gradient is 0 and Adam, which normalises each gradient, moves them by up to lr per step in a
+    direction set by rounding noise. Summing in another order changes that noise, nothing else."""
+    layers = list(sequential)
+    return {f"net.{i}.bias" for i, (layer, after) in enumerate(zip(layers[:-1], layers[1:], strict=True))
+            if isinstance(layer, torch.nn.Linear) and isinstance(after, torch.nn.BatchNorm1d)}
 
 
 # ---------------------------------------------------------------- speed keeps the results
 
 def test_gan_fused_adam_and_device_statistics_match_the_template_loop():
-    """Three steps of a3_gan_template.train with fused Adam give the parameters, BatchNorm statistics
-    and mean losses of the template's loop with plain Adam and .item() every batch."""
+    """Three steps of a3_gan_template.train with fused Adam, D frozen for G's step and one D pass over
+    real and fake images give the parameters, BatchNorm statistics and mean losses of the template's
+    loop with plain Adam, two D passes and .item() every batch."""
     batches = fixed_batches(3, 64, -1.0, 1.0)
     runs = []
     for fused in (True, False):
@@ -56,7 +68,8 @@ def test_gan_fused_adam_and_device_statistics_match_the_template_loop():
             losses = tuple(sum(column) / len(column) for column in zip(*per_batch, strict=True))
         runs.append((generator, discriminator, losses))
     (g_ours, d_ours, losses_ours), (g_ref, d_ref, losses_ref) = runs
-    assert_same_parameters(g_ours, g_ref, atol=1e-5)
+    assert_same_parameters(g_ours, g_ref, atol=1e-5, loose=biases_before_batchnorm(g_ours.net),
+                           loose_atol=len(batches) * 2e-4)
     assert_same_parameters(d_ours, d_ref, atol=1e-5)
     assert losses_ours == pytest.approx(losses_ref, rel=1e-5)
     # The steps did train: the parameters moved away from the shared initialisation.
@@ -205,10 +218,11 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
         assert row["speedup"] == pytest.approx(row["ours"]["images_per_s"] / row["template"]["images_per_s"])
         ours = expected_flops[key]
         if key == "gan":  # D frozen for G's step: no weight gradients there (x2, not x3). The first of the
-            # 8 counted steps carries the R1 penalty, which gives its 64 real images an input gradient; the
-            # fake images make alternating batches of 64 and N_FAKE_TRAIN - 64, so the 8 steps see 4 epochs.
+            # 8 counted steps carries the R1 penalty, which gives its batch an input gradient in D's first
+            # layer, over the 64 real and 64 fake rows that D scores in one pass; the fake images make
+            # alternating batches of 64 and N_FAKE_TRAIN - 64, so the 8 steps see 4 epochs.
             counted_images = train_speed.FLOP_COUNT_STEPS // 2 * N_FAKE_TRAIN
-            ours += 2 * (-(d_first + d_rest) + d_first * 64 / counted_images)
+            ours += 2 * (-(d_first + d_rest) + d_first * 2 * 64 / counted_images)
         assert row["ours"]["linear_flops_per_image"] == pytest.approx(ours)
         assert row["template"]["linear_flops_per_image"] == expected_flops[key]
         assert row["ours"]["batch_size"] == {"vae": 128, "gan": 64, "nf": 256}[key]
