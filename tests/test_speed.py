@@ -157,6 +157,16 @@ def test_linear_flops_count_forward_weight_and_input_gradients():
     assert not model[0]._forward_hooks, "the counting hooks must be removed"
 
 
+def test_matmul_measurements_merge_into_the_best_repetition_of_all():
+    early = {"size": 8, "reps": 3, "dtype": "float32", "gflops": [10.0, 30.0, 20.0]}
+    late = {"size": 8, "reps": 2, "dtype": "float32", "gflops": [50.0, 40.0]}
+    for measurement in (early, late):
+        measurement["gflops_best"] = max(measurement["gflops"])
+    merged = train_speed.merge_matmul([early, late])
+    assert (merged["reps"], merged["measurements"], merged["gflops_best"]) == (5, 2, 50.0)
+    assert merged["gflops_median"] == 30.0 and merged["gflops_best_per_measurement"] == [30.0, 50.0]
+
+
 def write_metrics(results, run, metrics):
     (results / run).mkdir(parents=True)
     (results / run / "metrics.json").write_text(json.dumps(metrics))
@@ -232,6 +242,8 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
             assert row[way]["images_per_s"] == min(rounds)
         assert row["name"] in text
     assert report["matmul"]["gflops_best"] >= report["matmul"]["gflops_median"] > 0
+    assert report["matmul"]["measurements"] == len(train_speed.MODELS) + 1  # before each model, at the end
+    assert report["matmul"]["gflops_best"] == max(report["matmul"]["gflops_best_per_measurement"])
     best = report["matmul"]["gflops_best"]
     for row in report["models"].values():  # the fraction is of the machine's best GEMM rate
         assert row["ours"]["matmul_fraction"] == pytest.approx(row["ours"]["gflops"] / best)
