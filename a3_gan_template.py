@@ -65,7 +65,9 @@ class Discriminator(nn.Module):
         )
 
     def logits(self, img):
-        return self.net(img.reshape(len(img), 784)).squeeze(1)
+        # float(): under bf16 autocast (--precision bf16 on a GPU) the last layer's output is bf16;
+        # the losses and the R1 penalty are computed in fp32.
+        return self.net(img.reshape(len(img), 784)).squeeze(1).float()
 
     def forward(self, img):
         return torch.sigmoid(self.logits(img))
@@ -110,7 +112,7 @@ def update_average(average, generator, decay):
 
 def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epoch=0,
           save_interval=None, interval_dir=None, fixed_z=None, average=None, ema_decay=0.999,
-          real_label=1.0, r1_gamma=0.0, r1_interval=1):
+          real_label=1.0, r1_gamma=0.0, r1_interval=1, precision="fp32"):
     """One epoch over ``dataloader``; returns the mean D and G losses and mean D(x), D(G(z)).
 
     ``average``, if given, is a copy of the generator that tracks the moving average of its weights.
@@ -118,42 +120,44 @@ def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epo
     mean D loss returned. With ``r1_interval`` k > 1 it is lazy (Karras et al., 2020): the penalty,
     weighted k times, is added on every k-th batch only, which saves most of its double backward.
     Every ``save_interval`` batches (counted over the whole run) a 5x5 grid of the average (or the
-    generator) at ``fixed_z`` goes to ``interval_dir``. Statistics accumulate on the device and are
-    read once per epoch.
+    generator) at ``fixed_z`` goes to ``interval_dir``. The training steps' matmuls run in
+    ``precision`` (see ``common.bf16_matmuls``). Statistics accumulate on the device and are read
+    once per epoch.
     """
     device = next(generator.parameters()).device
     generator.train()
     discriminator.train()
     totals = torch.zeros(4, device=device)
     for i, (imgs, _) in enumerate(tqdm(dataloader, desc=f"epoch {epoch}", leave=False, disable=None)):
-        real = imgs.to(device, non_blocking=True).reshape(len(imgs), 784)
-        z = torch.randn(len(real), generator.latent_dim, device=device)
-        gen_imgs = generator(z)
+        with common.bf16_matmuls(precision, device):
+            real = imgs.to(device, non_blocking=True).reshape(len(imgs), 784)
+            z = torch.randn(len(real), generator.latent_dim, device=device)
+            gen_imgs = generator(z)
 
-        # Generator step: make D call the fakes real. D is frozen for it, as the gradients of its
-        # weights would be thrown away: the backward then skips their matmuls.
-        discriminator.requires_grad_(False)
-        fake_logits = discriminator.logits(gen_imgs)
-        loss_g = generator_loss(fake_logits)
-        optimizer_G.zero_grad(set_to_none=True)
-        loss_g.backward()
-        optimizer_G.step()
-        discriminator.requires_grad_(True)
-        if average is not None:
-            update_average(average, generator, ema_decay)
+            # Generator step: make D call the fakes real. D is frozen for it, as the gradients of its
+            # weights would be thrown away: the backward then skips their matmuls.
+            discriminator.requires_grad_(False)
+            fake_logits = discriminator.logits(gen_imgs)
+            loss_g = generator_loss(fake_logits)
+            optimizer_G.zero_grad(set_to_none=True)
+            loss_g.backward()
+            optimizer_G.step()
+            discriminator.requires_grad_(True)
+            if average is not None:
+                update_average(average, generator, ema_decay)
 
-        # Discriminator step, on the same fakes, detached so no gradient reaches G. D has no batch
-        # norm, so one pass over real and fake images together gives the logits of two passes with
-        # half the layer calls.
-        regularize = r1_gamma > 0 and i % r1_interval == 0
-        real.requires_grad_(regularize)
-        real_logits, fake_logits = discriminator.logits(torch.cat([real, gen_imgs.detach()])).chunk(2)
-        loss_d = discriminator_loss(real_logits, fake_logits, real_label)
-        if regularize:
-            loss_d = loss_d + r1_gamma * r1_interval / 2 * r1_penalty(real, real_logits)
-        optimizer_D.zero_grad(set_to_none=True)
-        loss_d.backward()
-        optimizer_D.step()
+            # Discriminator step, on the same fakes, detached so no gradient reaches G. D has no batch
+            # norm, so one pass over real and fake images together gives the logits of two passes with
+            # half the layer calls.
+            regularize = r1_gamma > 0 and i % r1_interval == 0
+            real.requires_grad_(regularize)
+            real_logits, fake_logits = discriminator.logits(torch.cat([real, gen_imgs.detach()])).chunk(2)
+            loss_d = discriminator_loss(real_logits, fake_logits, real_label)
+            if regularize:
+                loss_d = loss_d + r1_gamma * r1_interval / 2 * r1_penalty(real, real_logits)
+            optimizer_D.zero_grad(set_to_none=True)
+            loss_d.backward()
+            optimizer_D.step()
 
         with torch.no_grad():
             totals += torch.stack([loss_d, loss_g, torch.sigmoid(real_logits).mean(),
@@ -315,6 +319,7 @@ def parse_args(argv=None):
     parser.add_argument("--r1_interval", type=common.positive_int, default=8,
                         help="apply the R1 penalty, weighted this many times, every this many "
                              "batches (lazy regularization; 1 = every batch)")
+    common.add_precision_arg(parser)
     return common.add_common_args(parser, out="results/gan").parse_args(argv)
 
 
@@ -325,10 +330,11 @@ def make_optimizers(generator, discriminator, args):
                  for net in (generator, discriminator))
 
 
-def training_options(args):
+def training_options(args, device):
     """The keyword arguments of ``train`` that the flags set."""
     return {"ema_decay": args.ema, "real_label": args.real_label, "r1_gamma": args.r1_gamma,
-            "r1_interval": args.r1_interval}
+            "r1_interval": args.r1_interval,
+            "precision": common.training_precision(args.precision, device)}
 
 
 def main(argv=None):
@@ -364,6 +370,8 @@ def main(argv=None):
         stopwatch = common.Stopwatch(state["stopwatch"])
         log(f"resumed from {checkpoint} after epoch {start}")
     info = common.run_info(args, device)
+    options = training_options(args, device)
+    log(f"training matmuls in {options['precision']} on {device}")
     halfway = args.n_epochs // 2
     if start == 0:
         common.save_image_grid(generate(sampler, fixed_z), out / "samples_start", nrow=5,
@@ -373,7 +381,7 @@ def main(argv=None):
         with stopwatch:
             stats = train(dataloader, discriminator, generator, optimizer_G, optimizer_D, epoch=epoch,
                           save_interval=args.save_interval, interval_dir=out / "intervals",
-                          fixed_z=fixed_z, average=average, **training_options(args))
+                          fixed_z=fixed_z, average=average, **options)
         scheduler_G.step()
         scheduler_D.step()
         stopwatch.count(len(dataloader.dataset))
@@ -403,6 +411,7 @@ def main(argv=None):
         **info,
         "n_params": sum(p.numel() for m in (generator, discriminator) for p in m.parameters()),
         "n_params_generator": sum(p.numel() for p in generator.parameters()),
+        "training_precision": options["precision"],
         "epochs_completed": len(curves["loss_d"]),
         "optimizer": (f"Adam(lr={args.lr:g}, betas=(0.5, 0.999)) for G and D, linear decay to 0 from "
                       f"epoch {decay_start}; R1 penalty gamma={args.r1_gamma:g} on D; samples from a "

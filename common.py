@@ -4,6 +4,7 @@ Nothing model-specific lives here; each script reads top to bottom on its own an
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -139,6 +140,27 @@ def autocast(precision, device):
     pass: the bf16 copies of the weights are cached until the region ends, so an optimizer step inside
     it would not reach the next forward pass."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def bf16_matmuls(precision, device):
+    """Whole training steps, forward and backward passes and optimizer steps, with their matmuls in
+    ``precision``; every tensor stays fp32. On a CPU, "bf16" has oneDNN round the inputs of each fp32
+    matmul to bfloat16 inside the kernel (the CPU's counterpart of TF32 on GPUs): no cast ops and no
+    bf16 copies of the weights, whose overhead eats autocast's gain on small layers. Elsewhere it is
+    autocast without its weight cache, which an optimizer step inside the region would make stale."""
+    if precision != "bf16":
+        yield
+    elif device.type == "cpu":
+        previous = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = previous
+    else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            yield
 
 
 # ---------------------------------------------------------------- checkpoints and metrics

@@ -236,12 +236,14 @@ def gan_way(way, root, seed):
         stream, workers = endless(mnist_gan(root, args.batch_size)), 0
         optimizer_G, optimizer_D = gan.make_optimizers(generator, discriminator, args)
         average = copy.deepcopy(generator) if args.ema > 0 else None  # as main() keeps it
+        options = gan.training_options(args, torch.device("cpu"))
 
         def train(batches):
             return gan.train(batches, discriminator, generator, optimizer_G, optimizer_D, average=average,
-                             **gan.training_options(args))
+                             **options)
 
-    return Way([generator, discriminator], args.batch_size, stream, train, workers)
+    precision = "fp32" if way == "template" else options["precision"]
+    return Way([generator, discriminator], args.batch_size, stream, train, workers, precision)
 
 
 def nf_way(way, root, seed):

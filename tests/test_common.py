@@ -118,6 +118,29 @@ def trained_model_and_optimizer(seed):
     return model, optimizer
 
 
+HAS_AMX = torch.cpu._is_amx_tile_supported()
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="oneDNN's bf16 matmuls need a CPU with AMX units")
+def test_bf16_matmuls_round_the_inputs_of_fp32_matmuls_inside_the_region_only():
+    """Inside the region an fp32 product equals the fp32 product of the inputs rounded to bf16 (to
+    fp32 summation error), with fp32 output; outside, and after an error inside, it is fp32 again."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=generator), torch.randn(256, 32, generator=generator)
+    exact = a.double() @ b.double()
+    rounded = a.bfloat16().double() @ b.bfloat16().double()
+    with common.bf16_matmuls("bf16", torch.device("cpu")):
+        inside = a @ b
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside.double(), rounded, rtol=1e-5, atol=1e-4)
+    assert (inside.double() - exact).abs().max() > 1e-2  # bf16 keeps 8 bits: really rounded
+    with pytest.raises(RuntimeError), common.bf16_matmuls("bf16", torch.device("cpu")):
+        raise RuntimeError("a failing step")
+    torch.testing.assert_close((a @ b).double(), exact, rtol=1e-5, atol=1e-4)
+    with common.bf16_matmuls("fp32", torch.device("cpu")):
+        torch.testing.assert_close((a @ b).double(), exact, rtol=1e-5, atol=1e-4)
+
+
 def test_checkpoint_round_trip_restores_model_optimizer_values_and_rng(tmp_path):
     model, optimizer = trained_model_and_optimizer(0)
     path = tmp_path / "run" / "checkpoint.pt"
