@@ -5,8 +5,9 @@
 Reads results/{vae,vae_z2,gan,nf}/metrics.json (plus results/gan_template/ and results/gan_no_r1/, the
 template GAN and the GAN without the R1 penalty that results/gan improves on, the flow's
 learning-rate sweep results/nf/lr_sweep/ and its earlier default run at batch 128,
-results/nf/batch_128/), each run's sample evaluation as the comparison table of
-the evaluation package picks it (metrics.json, or a newer evaluation.json), and
+results/nf/batch_128/, and the GAN's earlier default run in fp32, results/gan/fp32/), each run's
+sample evaluation as the comparison table of the evaluation package picks it (metrics.json, or a
+newer evaluation.json), and
 results/reference.json (real images measured the same way), and writes into --out:
   numbers.tex           one \\newcommand per number, e.g. \\VaeTestNegElbo
   comparison_table.tex  the rows of the model comparison table (question 4.1)
@@ -105,6 +106,10 @@ NUMBERS = [
     Number("GanRealLabel", "gan", ("args", "real_label"), "g"),
     Number("GanRGamma", "gan", ("args", "r1_gamma"), "g"),
     Number("GanRoneInterval", "gan", ("args", "r1_interval"), "int"),
+    Number("GanPrecision", "gan", ("training_precision",), "text"),
+    Number("GanFullPrecisionFid", "gan_fp32", ("evaluation", "fid"), "f2"),
+    Number("GanFullPrecisionScore", "gan_fp32", ("evaluation", "score"), "f2"),
+    Number("GanFullPrecisionTrainMinutes", "gan_fp32", ("wall_time_s",), "f1", 1 / 60),
     *evaluation_numbers("GanTemplate", "gan_template"),
     *evaluation_numbers("GanNoRone", "gan_no_r1"),
     Number("GanNoRoneFractionOne", "gan_no_r1", ("evaluation", "class_fractions", 1), "f1", 100),
@@ -174,10 +179,8 @@ def derived_numbers(metrics):
         best = pick(entries, key=lambda p: p[key]) if entries else {}
         return best.get("epoch"), best.get(key)
 
-    gan_best_epoch, gan_best_fid = best_progress("gan", "fid", min)
     template_best_epoch, template_best_fid = best_progress("gan_template", "fid", min)
     no_r1_best_epoch, no_r1_best_fid = best_progress("gan_no_r1", "fid", min)
-    gan_best_score_epoch, gan_best_score = best_progress("gan", "score", max)
     fractions = get("gan", "evaluation", "class_fractions")
     fractions = [f * 100 for f in fractions] if isinstance(fractions, list) and fractions else None
     sweep = sorted((m["args"]["lr"], m["args"]["weight_decay"], m["curves"]["val_bpd"][-1])
@@ -192,10 +195,6 @@ def derived_numbers(metrics):
         "TotalTrainHours": (sum(times) / 3600 if all(map(is_number, times)) else None, "f1"),
         "GanLrDecayEpoch": (decay_epoch("gan"), "int"),
         "GanNoRoneLrDecayEpoch": (decay_epoch("gan_no_r1"), "int"),
-        "GanBestFidEpoch": (gan_best_epoch, "int"),
-        "GanBestFid": (gan_best_fid, "f1"),
-        "GanBestScore": (gan_best_score, "f2"),
-        "GanBestScoreEpoch": (gan_best_score_epoch, "int"),
         "GanFractionMin": (min(fractions) if fractions else None, "f1"),
         "GanFractionMinDigit": (fractions.index(min(fractions)) if fractions else None, "int"),
         "GanFractionMax": (max(fractions) if fractions else None, "f1"),
@@ -260,9 +259,12 @@ def load_metrics(results):
     # The flow's learning-rate sweep (results/nf/README.md): one metrics file per run.
     metrics["nf_sweep"] = [json.loads(path.read_text())
                            for path in sorted((Path(results) / "nf" / "lr_sweep").glob("run_*.json"))]
-    batch_128 = Path(results) / "nf" / "batch_128" / "metrics.json"  # the flow's default before batch 256
-    if batch_128.exists():
-        metrics["nf_batch128"] = json.loads(batch_128.read_text())
+    # The earlier default runs that the current ones are compared with: the flow at batch 128, the GAN
+    # in fp32.
+    for run, path in (("nf_batch128", "nf/batch_128"), ("gan_fp32", "gan/fp32")):
+        earlier = Path(results) / path / "metrics.json"
+        if earlier.exists():
+            metrics[run] = json.loads(earlier.read_text())
     for run in (*RUNS, *BASELINE_RUNS):
         if run in metrics:
             metrics[run]["evaluation"] = latest_evaluation(Path(results) / run, metrics[run])

@@ -65,6 +65,7 @@ def fake_results(root):
                                    "lr_decay_start": 0.25, "ema": 0.999, "real_label": 1.0, "r1_gamma": 1.0,
                                    "r1_interval": 8},
                 "n_params": 2000000, "n_params_generator": 1500000, "epochs_completed": 200,
+                "training_precision": "bf16",
                 "curves": {"loss_d": [1.2, 1.3], "loss_g": [0.9, 0.8], "d_real": [0.6, 0.55],
                            "d_fake": [0.4, 0.45], "wall_time_s": [1.0, 2.0]},
                 "interpolation_digits": [{"digits": [3, 8], "classifier_confidence": [1.0, 0.99]},
@@ -95,6 +96,9 @@ def fake_results(root):
     (root / "nf" / "lr_sweep").mkdir()
     (root / "nf" / "lr_sweep" / "run_a.json").write_text(
         json.dumps({"args": {"lr": 0.002, "weight_decay": 0.0001}, "curves": {"val_bpd": [8.0, 1.5]}}))
+    (root / "gan" / "fp32").mkdir()
+    (root / "gan" / "fp32" / "metrics.json").write_text(json.dumps(
+        {"evaluation": {"fid": 8.123, "score": 9.1}, "wall_time_s": 2400.0}))
     (root / "nf" / "batch_128").mkdir()
     (root / "nf" / "batch_128" / "metrics.json").write_text(json.dumps(
         {"args": {"batch_size": 128}, "curves": {"val_bpd": [8.0, 1.2512]}, "test": {"bpd": 1.2401},
@@ -136,6 +140,9 @@ def test_numbers_from_fake_results(generated):
     assert numbers["GanHalfwayEpoch"] == "100"
     assert (numbers["GanLrDecayEpoch"], numbers["GanNoRoneLrDecayEpoch"]) == ("50", "100")
     assert numbers["GanRoneInterval"] == "8" and numbers["VaePrecision"] == "fp32"
+    assert numbers["GanPrecision"] == "bf16"
+    assert (numbers["GanFullPrecisionFid"], numbers["GanFullPrecisionScore"],
+            numbers["GanFullPrecisionTrainMinutes"]) == ("8.12", "9.10", "40.0")
     assert numbers["GanLr"] == "0.0002"
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
