@@ -66,7 +66,7 @@ STEPS = {"vae": (10, 100), "gan": (20, 200), "nf": (3, 15)}
 QUICK_STEPS = {"vae": (1, 3), "gan": (1, 3), "nf": (1, 2)}
 # The two ways alternate over rounds and each reports its median round: this machine's speed drifts by
 # tens of percent over minutes, which would otherwise land on whichever way ran in a slow stretch. With
-# 3 rounds one run's VAE speed-up still ranged from 2.9x to 3.3x between runs of the same code.
+# 3 rounds, three runs of the same VAE code measured speed-ups from 2.9x to 3.3x.
 ROUNDS, QUICK_ROUNDS = 5, 2
 FLOP_COUNT_STEPS = 8  # a whole period of the GAN's lazy R1 penalty (its default --r1_interval)
 GEMM_SIZE, GEMM_REPS = 2048, 20
