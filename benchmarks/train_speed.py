@@ -230,6 +230,7 @@ def gan_way(way, root, seed):
                                     for m in (generator, discriminator))
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
         stream, workers = template_stream(lambda w: torchvision_mnist(root, transform, args.batch_size, w))
+        precision = "fp32"
 
         def train(batches):
             return template_gan_steps(generator, discriminator, optimizer_G, optimizer_D, batches)
@@ -238,12 +239,12 @@ def gan_way(way, root, seed):
         optimizer_G, optimizer_D = gan.make_optimizers(generator, discriminator, args)
         average = copy.deepcopy(generator) if args.ema > 0 else None  # as main() keeps it
         options = gan.training_options(args, torch.device("cpu"))
+        precision = options["precision"]
 
         def train(batches):
             return gan.train(batches, discriminator, generator, optimizer_G, optimizer_D, average=average,
                              **options)
 
-    precision = "fp32" if way == "template" else options["precision"]
     return Way([generator, discriminator], args.batch_size, stream, train, workers, precision)
 
 
