@@ -318,7 +318,7 @@ def parse_args(argv=None):
     parser.add_argument("--real_label", type=common.unit_interval, default=1.0,
                         help="target of the discriminator for real images (< 1: one-sided label "
                              "smoothing)")
-    parser.add_argument("--r1_gamma", type=common.non_negative_float, default=0.6,
+    parser.add_argument("--r1_gamma", type=common.non_negative_float, default=0.3,
                         help="weight gamma of the R1 gradient penalty gamma/2 E||grad D(x)||^2 on "
                              "real images (0 = none)")
     parser.add_argument("--r1_interval", type=common.positive_int, default=8,
