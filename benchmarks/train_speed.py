@@ -22,9 +22,8 @@ discriminator's weight gradients and then discards them; ours freezes D for that
 them. Ours scores real and fake images in one pass of D for its own step. On the steps that carry
 our R1 penalty (one in ``--r1_interval``) real images need an input gradient, which that pass then
 computes for the fakes as well, so D's first layer counts 3x on both; the penalty's double backward
-is not counted. The
-fraction is taken of the fastest of the square fp32 ``torch.mm`` timed in the same process, 20 before
-each model and 20 at the end.
+is not counted. The fraction is taken of the fastest of the square fp32 ``torch.mm`` timed in the same
+process, 20 before each model and 20 at the end.
 
 The wall time to each quality bar is read from the runs' ``metrics.json`` under ``--results``.
 Everything lands in ``<out>/benchmark.md`` and ``<out>/benchmark.json``, with the machine's facts.

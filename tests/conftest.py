@@ -14,6 +14,9 @@ sys.path.insert(0, str(REPO))
 import datasets.raw  # noqa: E402
 
 N_FAKE_TRAIN, N_FAKE_TEST = 120, 30
+# For the tests of bf16 training matmuls, which oneDNN runs on CPUs with AMX units only.
+needs_amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),
+                               reason="oneDNN's bf16 matmuls need a CPU with AMX units")
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import needs_amx
 
 import common
 
@@ -118,10 +119,7 @@ def trained_model_and_optimizer(seed):
     return model, optimizer
 
 
-HAS_AMX = torch.cpu._is_amx_tile_supported()
-
-
-@pytest.mark.skipif(not HAS_AMX, reason="oneDNN's bf16 matmuls need a CPU with AMX units")
+@needs_amx
 def test_bf16_matmuls_round_the_inputs_of_fp32_matmuls_inside_the_region_only():
     """Inside the region an fp32 product equals the fp32 product of the inputs rounded to bf16 (to
     fp32 summation error), with fp32 output; outside, and after an error inside, it is fp32 again."""

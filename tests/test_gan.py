@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import needs_amx
 from PIL import Image
 from torch import nn
 
@@ -157,7 +158,7 @@ def test_a_discriminator_step_lowers_the_discriminator_loss_and_leaves_the_gener
     assert torch.equal(after["fakes"], before["fakes"])  # the fakes were detached from G
 
 
-@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="bf16 matmuls need AMX units")
+@needs_amx
 def test_bf16_training_steps_follow_the_fp32_ones():
     """Three steps with bf16 matmuls, R1 penalty included, stay close to fp32 from the same seed: the
     same mean losses to 1e-2 and generator weight matrices that moved the same way (cosine similarity
