@@ -99,6 +99,14 @@ def fake_results(root):
     (root / "gan" / "fp32").mkdir()
     (root / "gan" / "fp32" / "metrics.json").write_text(json.dumps(
         {"evaluation": {"fid": 8.123, "score": 9.1}, "wall_time_s": 2400.0}))
+    for folder, seed, batch_size, fid, seconds in (("seed_1", 1, 128, 9.071, 1500.0),
+                                                   ("batch_64", 42, 64, 7.689, 2250.0),
+                                                   ("batch_64_seed_1", 1, 64, 9.979, 2260.0)):
+        (root / "gan" / folder).mkdir()
+        (root / "gan" / folder / "metrics.json").write_text(json.dumps(
+            {"args": {"seed": seed, "batch_size": batch_size, "lr": 0.0002, "n_epochs": 200,
+                      "lr_decay_start": 0.25},
+             "evaluation": {"fid": fid}, "wall_time_s": seconds}))
     (root / "nf" / "batch_128").mkdir()
     (root / "nf" / "batch_128" / "metrics.json").write_text(json.dumps(
         {"args": {"batch_size": 128}, "curves": {"val_bpd": [8.0, 1.2512]}, "test": {"bpd": 1.2401},
@@ -144,6 +152,14 @@ def test_numbers_from_fake_results(generated):
     assert (numbers["GanFullPrecisionFid"], numbers["GanFullPrecisionScore"],
             numbers["GanFullPrecisionTrainMinutes"]) == ("8.12", "9.10", "40.0")
     assert numbers["GanLr"] == "0.0002"
+    assert (numbers["GanSeedOneSeed"], numbers["GanSeedOneFid"], numbers["GanSeedOneTrainMinutes"]) == \
+        ("1", "9.07", "25.0")
+    assert numbers["GanSmallBatchLrDecayEpoch"] == "50"
+    assert (numbers["GanSmallBatchSize"], numbers["GanSmallBatchLr"], numbers["GanSmallBatchFid"],
+            numbers["GanSmallBatchTrainMinutes"]) == ("64", "0.0002", "7.69", "37.5")
+    assert (numbers["GanSmallBatchSeedOneFid"],
+            numbers["GanSmallBatchSeedOneTrainMinutes"]) == ("9.98", "37.7")
+    assert (numbers["GanBestFidEpoch"], numbers["GanBestFid"]) == ("200", "5.00")
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
     assert numbers["GanFid"] == "5.00"
