@@ -3,7 +3,7 @@ and how long each default training run took to reach its quality bar.
 
     python benchmarks/train_speed.py [--out results/] [--results results/] [--quick]
 
-Each model trains for a fixed number of steps at its default batch size (VAE 128, GAN 64, flow 256),
+Each model trains for a fixed number of steps at its default batch size (VAE 128, GAN 128, flow 256),
 timed end to end with data loading, after warm-up steps that also start the DataLoader's workers:
 
 - the template's way: torchvision's MNIST with per-sample PIL transforms behind a shuffling DataLoader

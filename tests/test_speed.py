@@ -4,6 +4,7 @@ template's plain way, from the same seed on the same batches; the flow's bf16 ma
 test_nf. Plus the benchmark harness's FLOP count and time-to-bar
 reading against known answers, and a --quick smoke run of it on small fake data."""
 
+import itertools
 import json
 
 import pytest
@@ -228,14 +229,16 @@ def test_quick_run_writes_the_report(fake_mnist_root, fake_results, tmp_path, mo
         assert row["speedup"] == pytest.approx(row["ours"]["images_per_s"] / row["template"]["images_per_s"])
         ours = expected_flops[key]
         if key == "gan":  # D frozen for G's step: no weight gradients there (x2, not x3). The first of the
-            # 8 counted steps carries the R1 penalty, which gives its batch an input gradient in D's first
-            # layer, over the 64 real and 64 fake rows that D scores in one pass; the fake images make
-            # alternating batches of 64 and N_FAKE_TRAIN - 64, so the 8 steps see 4 epochs.
-            counted_images = train_speed.FLOP_COUNT_STEPS // 2 * N_FAKE_TRAIN
-            ours += 2 * (-(d_first + d_rest) + d_first * 2 * 64 / counted_images)
+            # counted steps carries the R1 penalty, which gives its batch an input gradient in D's first
+            # layer, over the real and fake rows that D scores in one pass. The loader keeps the last,
+            # short batch of each epoch over the fake training images.
+            batch_size = gan.parse_args([]).batch_size
+            epoch = [min(batch_size, N_FAKE_TRAIN - start) for start in range(0, N_FAKE_TRAIN, batch_size)]
+            counted = list(itertools.islice(itertools.cycle(epoch), train_speed.FLOP_COUNT_STEPS))
+            ours += 2 * (-(d_first + d_rest) + d_first * 2 * counted[0] / sum(counted))
         assert row["ours"]["linear_flops_per_image"] == pytest.approx(ours)
         assert row["template"]["linear_flops_per_image"] == expected_flops[key]
-        assert row["ours"]["batch_size"] == {"vae": 128, "gan": 64, "nf": 256}[key]
+        assert row["ours"]["batch_size"] == {"vae": 128, "gan": 128, "nf": 256}[key]
         for way in ("template", "ours"):  # the median of the alternating rounds (the lower one of two)
             rounds = row[way]["rounds_images_per_s"]
             assert len(rounds) == train_speed.QUICK_ROUNDS == 2
