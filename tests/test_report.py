@@ -63,7 +63,7 @@ def fake_results(root):
                    "test": {"negative_elbo": 140.5, "nll_importance": 138.0, "importance_samples": 500}},
         "gan": {**common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002, "latent_dim": 100,
                                    "lr_decay_start": 0.25, "ema": 0.999, "real_label": 1.0, "r1_gamma": 1.0,
-                                   "r1_interval": 8},
+                                   "r1_interval": 8, "seed": 42},
                 "n_params": 2000000, "n_params_generator": 1500000, "epochs_completed": 200,
                 "training_precision": "bf16",
                 "curves": {"loss_d": [1.2, 1.3], "loss_g": [0.9, 0.8], "d_real": [0.6, 0.55],
@@ -99,7 +99,8 @@ def fake_results(root):
     (root / "gan" / "fp32").mkdir()
     (root / "gan" / "fp32" / "metrics.json").write_text(json.dumps(
         {"evaluation": {"fid": 8.123, "score": 9.1}, "wall_time_s": 2400.0}))
-    for folder, seed, batch_size, fid, seconds in (("seed_1", 1, 128, 9.071, 1500.0),
+    for folder, seed, batch_size, fid, seconds in (("seed_2", 2, 128, 9.921, 1600.0),
+                                                   ("seed_1", 1, 128, 9.071, 1500.0),
                                                    ("batch_64", 42, 64, 7.689, 2250.0),
                                                    ("batch_64_seed_1", 1, 64, 9.979, 2260.0)):
         (root / "gan" / folder).mkdir()
@@ -152,13 +153,13 @@ def test_numbers_from_fake_results(generated):
     assert (numbers["GanFullPrecisionFid"], numbers["GanFullPrecisionScore"],
             numbers["GanFullPrecisionTrainMinutes"]) == ("8.12", "9.10", "40.0")
     assert numbers["GanLr"] == "0.0002"
-    assert (numbers["GanSeedOneSeed"], numbers["GanSeedOneFid"], numbers["GanSeedOneTrainMinutes"]) == \
-        ("1", "9.07", "25.0")
-    assert numbers["GanSmallBatchLrDecayEpoch"] == "50"
-    assert (numbers["GanSmallBatchSize"], numbers["GanSmallBatchLr"], numbers["GanSmallBatchFid"],
-            numbers["GanSmallBatchTrainMinutes"]) == ("64", "0.0002", "7.69", "37.5")
-    assert (numbers["GanSmallBatchSeedOneFid"],
-            numbers["GanSmallBatchSeedOneTrainMinutes"]) == ("9.98", "37.7")
+    # The seed-42 run first, then the other seeds' folders in name order.
+    assert numbers["GanSeedFids"] == "5.00 (seed 42), 9.07 (seed 1) and 9.92 (seed 2)"
+    assert numbers["GanSeedTrainMinutes"] == "10.0--26.7"
+    assert numbers["GanSmallBatchSeedFids"] == "7.69 (seed 42) and 9.98 (seed 1)"
+    assert numbers["GanSmallBatchSeedTrainMinutes"] == "37.5--37.7"
+    assert (numbers["GanSmallBatchSize"], numbers["GanSmallBatchLr"],
+            numbers["GanSmallBatchLrDecayEpoch"]) == ("64", "0.0002", "50")
     assert (numbers["GanBestFidEpoch"], numbers["GanBestFid"]) == ("200", "5.00")
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
