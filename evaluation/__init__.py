@@ -3,7 +3,10 @@
 ``evaluate_samples`` scores 10,000 model samples in [0, 1] against real MNIST with a digit
 classifier of our own (``evaluation.classifier``): FID on its penultimate features, the classifier
 ("Inception") score, the class histogram of the samples, and the Parzen-window log-likelihood of
-the test set (Goodfellow et al., 2014, Table 1). ``reference_rows`` measures real training images
+real images (Goodfellow et al., 2014, Table 1). The real images are the test set for a reported
+number, or the selection reference, a fixed random 10,000 of the training images, for anything
+used to choose settings (such as the GAN's progress curve), so that the test set is not chosen on.
+``reference_rows`` measures real training images
 the same way, which is the ceiling for every measure and, for FID, the floor that two finite real
 samples reach. ``python -m evaluation`` evaluates a checkpoint or writes the comparison table.
 """
@@ -30,16 +33,23 @@ from evaluation.metrics import (
 # Bump when a measure changes meaning: cached reference rows are then recomputed.
 EVALUATION_VERSION = 1
 # The last 10,000 training images (50,000-59,999) choose the Parzen width; the first 10,000 serve
-# as real "samples" in the reference row, so the two never overlap.
+# as real "samples" in the reference row, and a seeded random 10,000 of the first 50,000 are the
+# selection reference.
 N_VALIDATION = 10_000
 N_REFERENCE = 10_000
+SELECTION_SEED = 0
+REFERENCES = ("test", "selection")
 
 
 @functools.lru_cache(maxsize=2)
 def real_images(root):
-    """(training images, validation images, test images), [N, 784] float in [0, 1], loaded once."""
+    """(training images, validation images, {reference: images}), [N, 784] float in [0, 1], loaded
+    once; the references are the test set and the selection subset of the training images."""
     train, _, test, _ = mnist_tensors(root)
-    return train, train[-N_VALIDATION:], test
+    candidates = len(train) - N_VALIDATION
+    chosen = torch.randperm(candidates, generator=torch.Generator().manual_seed(SELECTION_SEED))
+    selection = train[chosen[:N_REFERENCE].sort().values]
+    return train, train[-N_VALIDATION:], {"test": test, "selection": selection}
 
 
 @torch.no_grad()
@@ -54,21 +64,23 @@ def classify(classifier, images, batch_size=1000):
     return torch.cat(features), torch.cat(logits)
 
 
-@functools.lru_cache(maxsize=2)
-def test_features(classifier, root):
-    """The classifier's features of the 10,000 test images: computed once per classifier, not once
+@functools.lru_cache(maxsize=4)
+def reference_features(classifier, root, reference):
+    """The classifier's features of the reference images: computed once per classifier, not once
     per evaluated model (the GAN scores several snapshots)."""
-    _, _, test = real_images(root)
-    return classify(classifier, test)[0]
+    return classify(classifier, real_images(root)[2][reference])[0]
 
 
-def evaluate_samples(images, root="./data/", device="cpu", classifier=None):
+def evaluate_samples(images, root="./data/", device="cpu", classifier=None, reference="test"):
     """Every sample-based measure of ``images`` [N, 784] or [N, 1, 28, 28], values in [0, 1].
 
-    FID is taken against the 10,000 test images. The Parzen kernels sit on the samples; their width
-    is chosen on the validation images, then the test images are scored (nats per image).
-    ``classifier`` defaults to the cached one under ``root``.
+    FID is taken against the 10,000 ``reference`` images ("test", or "selection" for choosing
+    settings). The Parzen kernels sit on the samples; their width is chosen on the validation
+    images, then the reference images are scored (nats per image). ``classifier`` defaults to the
+    cached one under ``root``.
     """
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     images = torch.as_tensor(images).detach().float().cpu().reshape(len(images), 784)
     if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise ValueError(f"samples must be finite and in [0, 1]; got values from {images.min().item()} "
@@ -76,7 +88,8 @@ def evaluate_samples(images, root="./data/", device="cpu", classifier=None):
     device = torch.device(device)
     if classifier is None:
         classifier = load_classifier(root, device)
-    _, validation, test = real_images(root)
+    _, validation, references = real_images(root)
+    scored = references[reference]
 
     features, logits = classify(classifier, images)
     fractions = class_fractions(logits)
@@ -86,14 +99,15 @@ def evaluate_samples(images, root="./data/", device="cpu", classifier=None):
     if sigma in (DEFAULT_SIGMAS[0], DEFAULT_SIGMAS[-1]):
         print(f"evaluation: the Parzen width {sigma:.3f} is at the edge of the grid searched; "
               "the log-likelihood may be underestimated")
-    test_ll = parzen_log_likelihood(test.to(device), centres, [sigma])[0].double().cpu()
+    scored_ll = parzen_log_likelihood(scored.to(device), centres, [sigma])[0].double().cpu()
     return {
-        "fid": fid(features, test_features(classifier, root)),
+        "reference": reference,
+        "fid": fid(features, reference_features(classifier, root, reference)),
         "score": classifier_score(logits),
         "class_fractions": fractions.tolist(),
         "class_kl_uniform": kl_to_uniform(fractions),
-        "parzen_ll": test_ll.mean().item(),
-        "parzen_se": test_ll.std().item() / math.sqrt(len(test_ll)),
+        "parzen_ll": scored_ll.mean().item(),
+        "parzen_se": scored_ll.std().item() / math.sqrt(len(scored_ll)),
         "parzen_sigma": sigma,
         "n_samples": len(images),
     }

@@ -9,7 +9,7 @@ The first draws samples through the script's ``load_sampler``, scores them with
 collects results/*/metrics.json and the (cached) real-data reference rows into
 results/comparison.md and results/comparison.json. The third trains the digit classifier behind
 the measures (or loads it from its cache) and prints its test accuracy; the others do this on
-first use too. Training takes minutes: wrap it in `flock /tmp/train.lock` on the shared machine.
+first use too; training it takes a few minutes.
 """
 
 import argparse
@@ -22,7 +22,7 @@ import torch
 from common import DEFAULT_DATA_ROOT, get_device, positive_int, seed_everything, write_json
 from evaluation import evaluate_samples, reference_rows
 from evaluation.classifier import load_classifier
-from evaluation.table import write_table
+from evaluation.table import write_ablation_table, write_table
 
 
 def summary(name, evaluation):
@@ -51,7 +51,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--model", choices=["vae", "gan", "nf"], help="which script's load_sampler to use")
-    action.add_argument("--table", action="store_true", help="write results/comparison.{md,json}")
+    action.add_argument("--table", action="store_true",
+                        help="write results/comparison.{md,json} and results/ablations.md")
     action.add_argument("--classifier", action="store_true",
                         help="train (or load) the digit classifier and print its test accuracy")
     parser.add_argument("--checkpoint", help="checkpoint of the model to evaluate (with --model)")
@@ -71,8 +72,9 @@ def main(argv=None):
     if args.table:
         references = reference_rows(args.data_root, device, Path(args.results) / "reference.json")
         write_table(args.results, references)
+        write_ablation_table(args.results)
         table = Path(args.results) / "comparison.md"
-        print(table.read_text() + f"\nwrote {table} and comparison.json")
+        print(table.read_text() + f"\nwrote {table}, comparison.json and ablations.md")
         return
     if args.checkpoint is None:
         parser.error("--model needs --checkpoint")
