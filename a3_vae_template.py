@@ -412,7 +412,9 @@ def main(argv=None):
     save_sample_grids(samples, run.out)
     if args.zdim == 2:
         save_manifold(model, run.out / "manifold")
-    run.finish(model, **evaluate(model, val_data, test_data, args, run))
+    run.finish(model, setting={**setting, "hidden_dim": HIDDEN_DIM, "batch_size": BATCH_SIZE,
+                               "lr": LEARNING_RATE},
+               **evaluate(model, val_data, test_data, args, run))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Binarized MNIST for the VAE, reproducing the standard protocol (Larochelle & Murray, 2011).
 
-Larochelle's files cannot be fetched here, so we rebuild them the same way: the official training
-set split 50,000 / 10,000 (first / last images), the official 10,000 test images, each pixel drawn
-once from Bernoulli(intensity / 255) with a fixed seed. The same protocol, not the identical bits.
+Built from the MNIST files the other loaders use, the same way as Larochelle's files: the official
+training set split 50,000 / 10,000 (first / last images), the official 10,000 test images, each pixel
+drawn once from Bernoulli(intensity / 255) with a fixed seed. The same protocol, not the identical
+bits.
 The draw is cached under ``<root>/BMNIST/``. With ``dynamic=True`` the training split is instead
 redrawn on every pass (dynamic binarization), which regularises the model.
 """

@@ -1,7 +1,7 @@
 """A small digit classifier: the feature extractor and judge behind FID, score and class coverage.
 
-Inception networks cannot be downloaded here (and MNIST digits are not ImageNet photos anyway), so
-we train our own convnet on the MNIST training split: above 99% test accuracy in a few CPU minutes.
+An ImageNet Inception network would need downloaded weights and knows nothing of digits, so we
+train our own convnet on the MNIST training split: above 99% test accuracy in a few CPU minutes.
 It is trained once and cached as ``<root>/classifier/digit_classifier.pt`` together with a
 fingerprint of its training configuration; a changed configuration or CLASSIFIER_VERSION retrains it.
 """
