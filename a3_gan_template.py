@@ -261,7 +261,7 @@ def save_loss_plot(curves, stem, r1_gamma=0.0):
     """Per-epoch losses and the discriminator's mean outputs, side by side; the D loss includes the
     R1 term when the run had one."""
     epochs = range(1, len(curves["loss_d"]) + 1)
-    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(6.6, 2.6), layout="constrained")
+    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(5.5, 2.4), layout="constrained")
     r1_term = f" $+ \\frac{{{r1_gamma:g}}}{{2}} R_1$" if r1_gamma > 0 else ""
     ax_loss.plot(epochs, curves["loss_d"], label="D: $-\\log D(x) - \\log(1-D(G(z)))$" + r1_term)
     ax_loss.plot(epochs, curves["loss_g"], label="G: $-\\log D(G(z))$")
