@@ -78,9 +78,8 @@ def add_run_args(parser, out):
                         help="auto picks CUDA, then MPS, then the CPU")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="matmuls of the training steps; bf16 keeps every tensor in fp32 and rounds "
-                             "only the matmuls' inputs (CPU only); auto = bf16 on CPUs with native "
-                             "bf16 arithmetic (AMX or AVX-512 BF16), fp32 elsewhere. Evaluation is "
-                             "always fp32")
+                             "only the matmuls' inputs (CPU only); auto = bf16 on CPUs with AMX matrix "
+                             "units, fp32 elsewhere. Evaluation is always fp32")
     parser.add_argument("--data_root", type=existing_dir, default=None,
                         help=f"folder holding MNIST/raw (default {DEFAULT_DATA_ROOT}, filled on first use)")
     return parser
@@ -108,15 +107,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def has_native_bf16():
-    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX-512 BF16 dot products);
-    without it, oneDNN emulates bf16 matmuls far slower than fp32."""
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+def has_amx():
+    """Whether this CPU has AMX matrix units, the only CPUs on which oneDNN's bf16 matmuls pay:
+    without AMX it runs them in fp32 (AVX-512 BF16) or emulates them far slower than fp32 (AVX2)."""
+    return torch.cpu._is_amx_tile_supported()
 
 
 def resolve_precision(name, device):
     if name == "auto":
-        return "bf16" if device.type == "cpu" and has_native_bf16() else "fp32"
+        return "bf16" if device.type == "cpu" and has_amx() else "fp32"
     if name == "bf16" and device.type != "cpu":
         raise RunError("--precision bf16 rounds the matmuls of a CPU (oneDNN); on a GPU use fp32")
     return name
