@@ -1,40 +1,41 @@
-"""Training speed: the course template's way against this project's, the machine's matmul throughput,
-and how long each default training run took to reach its quality bar.
+"""Training speed of each model, the course template's way and ours side by side in one run.
 
-    python benchmarks/train_speed.py [--out results/] [--results results/] [--quick]
+    python benchmarks/train_speed.py [--steps N] [--rounds 3] [--out results]
 
-Each model trains for a fixed number of steps at its default batch size (VAE 128, GAN 128, flow 256),
-timed end to end with data loading, after warm-up steps that also start the DataLoader's workers:
+Each way trains for a fixed number of steps, timed end to end with data loading after warm-up steps,
+in rounds that alternate the ways (a machine's speed drifts over minutes); each way reports its
+median images/s, and ours its ratio to the template's.
 
-- the template's way: torchvision's MNIST with per-sample PIL transforms behind a shuffling DataLoader
-  with two worker processes, plain Adam (not fused), and ``loss.item()`` after every batch;
-- our way: the in-memory loaders of ``datasets``, the optimizers the scripts build, and the scripts'
-  own training functions, which keep running statistics on the device.
+- The template's way: torchvision's MNIST (<data-root>/MNIST/raw) with per-sample transforms behind a
+  shuffling DataLoader with 2 worker processes (VAE: ToTensor and a Bernoulli draw, standing in for
+  the template's per-sample read of its binarized images; GAN: ToTensor and Normalize; flow:
+  ``loaders.template_loader``), plain Adam, fp32, ``loss.item()`` every batch, and the template's
+  networks, batch sizes and learning rates: the VAE with one hidden layer; the GAN at batch 64, whose
+  generator step also computes D's weight gradients and whose D step runs D twice, on real and on
+  fake images; the flow at batch 128.
+- Ours: the scripts' training functions (``vae.epoch_iter``, ``gan.train``, ``nf.epoch_iter``) on
+  the in-memory loaders of ``datasets`` with each script's ``OURS`` settings (networks, batch sizes,
+  R1 and weight average, clipping), fused Adam, and the precision ``--precision auto`` picks, set by
+  ``common.training_precision()`` as in training. When that is bf16, ours also runs in fp32 (column
+  "ours fp32"): the ratio is what bf16 gains on this CPU.
 
-Both ways train the same architecture from the same seed, with torch's default thread settings. The
-achieved GFLOP/s counts the Linear layers only (they are nearly all of the arithmetic): per layer call
-on N rows, 2 N in out for the forward pass, the same again for the weight gradient, and the same again
-for the input gradient when the layer's input needs one. That is 3x the forward FLOPs, except for a
-first layer fed with data or noise (2x). The layers are counted as they run, over the first
-``FLOP_COUNT_STEPS`` steps, so the GAN's step includes G once, D on its fakes twice (generator and
-discriminator steps) and D on real images once. The template's generator step also computes the
-discriminator's weight gradients and then discards them; ours freezes D for that step and skips
-them. Ours scores real and fake images in one pass of D for its own step. On the steps that carry
-our R1 penalty (one in ``--r1_interval``) real images need an input gradient, which that pass then
-computes for the fakes as well, so D's first layer counts 3x on both; the penalty's double backward
-is not counted. The fraction is taken of the fastest of the square fp32 ``torch.mm`` timed in the same
-process, 20 before each model and 20 at the end.
+Precision, one mechanism, decided by measurement: oneDNN may compute fp32 matmuls with their inputs
+rounded to bf16 (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). On an Intel Xeon with
+AMX units that ran a 2048^2 ``torch.mm`` about 6x as fast as fp32; on an AMD EPYC with AVX-512 BF16 but no AMX, oneDNN kept fp32 kernels in that mode (its results
+deviated from fp32 by 1e-6, not the 1e-3 of bf16 rounding), so it gains no precision trade-off
+there; on an AVX2 CPU it emulates bf16 at about 1 GFLOP/s. So ``auto`` is bf16 only with AMX
+(``common.has_amx``). The matmul rows give this CPU's rate of square ``torch.mm`` in fp32 and in
+the bf16 mode, and the mode's deviation from fp32, which shows whether it rounds at all; the mode is
+not timed on CPUs with neither AMX nor AVX-512 BF16.
 
-The wall time to each quality bar is read from the runs' ``metrics.json`` under ``--results``.
-Everything lands in ``<out>/benchmark.md`` and ``<out>/benchmark.json``, with the machine's facts.
+Results and the machine's facts go to <out>/benchmark.md and <out>/benchmark.json.
 """
 
 import argparse
+import contextlib
 import copy
 import itertools
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 # Run as a script from anywhere: the project's packages live one folder up.
@@ -52,565 +52,236 @@ import a3_gan_template as gan  # noqa: E402
 import a3_nf_template as nf  # noqa: E402
 import a3_vae_template as vae  # noqa: E402
 import common  # noqa: E402
-from benchmarks import loaders  # noqa: E402
-from datasets.bmnist import N_TRAIN as BMNIST_TRAIN  # noqa: E402
-from datasets.bmnist import bmnist  # noqa: E402
-from datasets.mnist import mnist, mnist_gan  # noqa: E402
+from benchmarks.loaders import template_loader  # noqa: E402
+from datasets import bmnist, mnist  # noqa: E402
 
-TEMPLATE_WORKERS = 2
-# (warm-up steps, timed steps) per model and round: about two minutes in all on two cores. Each round
-# builds its loaders afresh, and the FLOP-counting, warm-up and timed steps fit in one epoch of the
-# template's loaders, so their workers start once per round, before the timing.
-STEPS = {"vae": (10, 100), "gan": (20, 200), "nf": (3, 15)}
-QUICK_STEPS = {"vae": (1, 3), "gan": (1, 3), "nf": (1, 2)}
-# The two ways alternate over rounds and each reports its median round: this machine's speed drifts by
-# tens of percent over minutes, which would otherwise land on whichever way ran in a slow stretch. With
-# 3 rounds, three runs of the same VAE code measured speed-ups from 2.9x to 3.3x.
-ROUNDS, QUICK_ROUNDS = 5, 2
-FLOP_COUNT_STEPS = 8  # a whole period of the GAN's lazy R1 penalty (its default --r1_interval)
-GEMM_SIZE, GEMM_REPS = 2048, 20
-QUICK_GEMM_SIZE, QUICK_GEMM_REPS = 256, 3
-
-VAE_BAR, NF_BAR, GAN_BAR = 100.0, 1.85, 9.0
-GOAL_SPEEDUP = 3.0
-GOAL_MATMUL_FRACTION = 0.75
-GOAL_NF_SECONDS = 15 * 60
-GOAL_RESULTS_SECONDS = 2 * 60 * 60
-RUNS = ("vae", "vae_z2", "gan", "nf")  # what `make results` trains
+STEPS = {"vae": 200, "gan": 160, "nf": 20}  # timed steps per round: 30-60 s per model on two cores
+WARMUP = 5  # untimed steps before each timing; they also use up what the template's workers prefetched
+WORKERS = 2
+MATMUL_SIZES, MATMUL_REPS = (512, 1024), 10
+BF16_FAST = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+SKIPPED = ("bf16 mode not timed: this CPU has neither AMX nor AVX-512 BF16, so oneDNN would emulate bf16 "
+           "(about 1 GFLOP/s on an AVX2 CPU).")
+NO_AMX = "Without AMX units the scripts train in fp32 (`--precision auto`), so ours is timed in fp32."
 
 
-# ---------------------------------------------------------------- batches
+@contextlib.contextmanager
+def precision(name):
+    """``common.training_precision()`` in ``name``. It reads the module global that ``common.Run``
+    sets, and there is no public setter, so this sets that global for the duration."""
+    saved, common._training_precision = common._training_precision, name
+    try:
+        with common.training_precision():
+            yield
+    finally:
+        common._training_precision = saved
+
 
 def endless(loader):
-    """Batches from ``loader``, epoch after epoch."""
     while True:
         yield from loader
 
 
 class Batches:
-    """The next ``n`` batches of an endless stream, shaped like a loader of ``n`` batches (``len`` and
-    all), so that the scripts' epoch functions train on them. Counts the images it hands out."""
+    """The next ``n`` batches of a stream, with a ``len``, as the scripts' epoch functions take them."""
 
     def __init__(self, stream, n):
-        self.stream = stream
-        self.n = n
-        self.images = 0
+        self.stream, self.n, self.images = stream, n, 0
 
     def __len__(self):
         return self.n
 
     def __iter__(self):
         for batch in itertools.islice(self.stream, self.n):
-            self.images += len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            self.images += len(batch[0] if isinstance(batch, tuple | list) else batch)
             yield batch
 
 
-def binarize_image(image):
-    """Per-sample dynamic binarization, as a torchvision transform: bits ~ Bernoulli(intensity)."""
-    return torch.bernoulli(image)
-
-
-def torchvision_mnist(root, transform, batch_size, num_workers, n_images=None):
-    """The template's pipeline: torchvision's MNIST training images (all, or the first ``n_images``),
-    each through ``transform``, in shuffled batches."""
-    dataset = torchvision.datasets.MNIST(root, train=True, transform=transform, download=False)
+def torchvision_loader(root, steps, batch_size, n_images=None):
+    dataset = torchvision.datasets.MNIST(root, train=True, transform=transforms.Compose(steps))
     if n_images is not None:
-        dataset = Subset(dataset, range(min(n_images, len(dataset))))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers)
+        dataset = torch.utils.data.Subset(dataset, range(n_images))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=WORKERS)
 
 
-def template_stream(build):
-    """An endless stream from ``build(num_workers)``, the template's DataLoader, with two workers; with
-    none where worker processes cannot start here. Returns (stream, workers used)."""
-    try:
-        stream = endless(build(TEMPLATE_WORKERS))
-        next(stream)
-        return stream, TEMPLATE_WORKERS
-    except (RuntimeError, OSError) as error:
-        print(f"DataLoader with {TEMPLATE_WORKERS} workers failed ({error}); measuring without workers")
-        return endless(build(0)), 0
-
-
-# ---------------------------------------------------------------- the two ways, per model
-
-class Way:
-    """One way of training one model: its modules, its stream of batches of ``batch_size`` images and
-    ``train(batches)``; ``workers`` is the number of DataLoader worker processes behind the stream and
-    ``precision`` that of the training matmuls."""
-
-    def __init__(self, modules, batch_size, stream, train, workers=0, precision="fp32"):
-        self.precision = precision
-        self.modules = modules
-        self.batch_size = batch_size
-        self.stream = stream
-        self.train = train
-        self.workers = workers
-
-
-def template_vae_steps(model, optimizer, batches):
-    """The template's loop: the batch's mean negative ELBO, a step, and the loss read back every batch."""
-    model.train()
-    losses = []
-    for images, _ in batches:
-        loss = model(images)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def template_gan_steps(generator, discriminator, optimizer_G, optimizer_D, batches):
-    """The template's loop: a generator step, then a discriminator step on the same fakes, and both
-    losses read back every batch. Returns [(loss_d, loss_g)] per batch."""
-    generator.train()
-    discriminator.train()
-    losses = []
-    for images, _ in batches:
-        real = images.reshape(len(images), -1)
-        z = torch.randn(len(real), generator.latent_dim)
-        gen_imgs = generator(z)
-        loss_g = gan.generator_loss(discriminator.logits(gen_imgs))
-        optimizer_G.zero_grad()
-        loss_g.backward()
-        optimizer_G.step()
-        loss_d = gan.discriminator_loss(discriminator.logits(real), discriminator.logits(gen_imgs.detach()))
-        optimizer_D.zero_grad()
-        loss_d.backward()
-        optimizer_D.step()
-        losses.append((loss_d.item(), loss_g.item()))
-    return losses
-
-
-def template_nf_steps(model, optimizer, batches):
-    """The template's loop: the batch's mean bits per dimension, a step, the loss read back every batch."""
-    model.train()
-    losses = []
-    for images, _ in batches:
-        loss = nf.bits_per_dim(model(images)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def vae_way(way, root, seed):
-    """The VAE of a3_vae_template at its defaults, trained the template's way or ours."""
-    args = vae.parse_args([])
-    common.seed_everything(seed)
-    model = vae.VAE(args.hidden_dim, args.zdim)
-    if way == "template":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        transform = transforms.Compose([transforms.ToTensor(), binarize_image])
-        stream, workers = template_stream(
-            lambda w: torchvision_mnist(root, transform, args.batch_size, w, n_images=BMNIST_TRAIN))
-        return Way([model], args.batch_size, stream, lambda b: template_vae_steps(model, optimizer, b),
-                   workers)
-
-    optimizer = vae.make_optimizer(model, args)
-    precision = common.training_precision(args.precision, torch.device("cpu"))
-
+def template_loop(step):
+    """The template's loop: ``step(images)`` per batch, each loss it returns read back by ``.item()``."""
     def train(batches):
-        model.train()
-        return vae.epoch_iter(model, batches, optimizer, precision=precision)
-
-    return Way([model], args.batch_size, endless(bmnist(root, args.batch_size, dynamic=True)[0]), train,
-               precision=precision)
-
-
-def gan_way(way, root, seed):
-    """The GAN of a3_gan_template at its defaults, trained the template's way or ours."""
-    args = gan.parse_args([])
-    common.seed_everything(seed)
-    generator, discriminator = gan.Generator(args.latent_dim), gan.Discriminator()
-    if way == "template":
-        optimizer_G, optimizer_D = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.999))
-                                    for m in (generator, discriminator))
-        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-        stream, workers = template_stream(lambda w: torchvision_mnist(root, transform, args.batch_size, w))
-        precision = "fp32"
-
-        def train(batches):
-            return template_gan_steps(generator, discriminator, optimizer_G, optimizer_D, batches)
-    else:
-        stream, workers = endless(mnist_gan(root, args.batch_size)), 0
-        optimizer_G, optimizer_D = gan.make_optimizers(generator, discriminator, args)
-        average = copy.deepcopy(generator) if args.ema > 0 else None  # as main() keeps it
-        options = gan.training_options(args, torch.device("cpu"))
-        precision = options["precision"]
-
-        def train(batches):
-            return gan.train(batches, discriminator, generator, optimizer_G, optimizer_D, average=average,
-                             **options)
-
-    return Way([generator, discriminator], args.batch_size, stream, train, workers, precision)
+        for images, _ in batches:
+            for loss in step(images):
+                loss.item()
+    return train
 
 
-def nf_way(way, root, seed):
-    """The flow of a3_nf_template at its defaults, trained the template's way or ours."""
-    args = nf.parse_args([])
-    common.seed_everything(seed)
-    model = nf.Model([nf.N_PIXELS])
-    if way == "template":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        stream, workers = template_stream(lambda w: loaders.template_loader(root, args.batch_size, w))
-        return Way([model], args.batch_size, stream, lambda b: template_nf_steps(model, optimizer, b),
-                   workers)
-    traindata = mnist(root, args.batch_size)[0]
-    optimizer = nf.make_optimizer(model, args)
-    scheduler = nf.make_scheduler(optimizer, len(traindata), args)
-    precision = common.training_precision(args.precision, torch.device("cpu"))
-
-    def train(batches):
-        model.train()
-        return nf.epoch_iter(model, batches, optimizer, scheduler, args.clip, precision=precision)
-
-    return Way([model], args.batch_size, endless(traindata), train, precision=precision)
+def adam_step(optimizer, loss):
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
-MODELS = {"vae": ("VAE", vae_way), "gan": ("GAN", gan_way), "nf": ("flow", nf_way)}
+def vae_ways(root):
+    """((batch size, loader, train(batches)) of the template's way, the same of ours)."""
+    model = vae.VAE(hidden_layers=vae.TEMPLATE["hidden_layers"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=vae.LEARNING_RATE)
+    loader = torchvision_loader(root, [transforms.ToTensor(), torch.bernoulli], vae.BATCH_SIZE,
+                                bmnist.N_TRAIN)
+    ours = vae.VAE(hidden_layers=vae.OURS["hidden_layers"])
+    ours_optimizer = torch.optim.Adam(ours.parameters(), lr=vae.LEARNING_RATE, fused=True)
+    kl_weight = vae.kl_weights(1, vae.OURS["warmup_epochs"])
+    train = bmnist.bmnist(root, vae.BATCH_SIZE, dynamic=vae.OURS["dynamic_binarization"])[0]
+    return ((vae.BATCH_SIZE, loader, template_loop(lambda x: [adam_step(optimizer, model(x))])),
+            (vae.BATCH_SIZE, train, lambda b: vae.epoch_iter(ours, b, ours_optimizer, kl_weight)))
 
 
-# ---------------------------------------------------------------- measuring
-
-def count_linear_flops(modules, step):
-    """FLOPs of the Linear layers of ``modules`` while ``step()`` runs (forward and backward; see the
-    module's docstring for the rule)."""
-    total = 0
-
-    def hook(layer, inputs, output):
-        nonlocal total
-        x = inputs[0]
-        forward = 2 * (x.numel() // layer.in_features) * layer.in_features * layer.out_features
-        passes = 1
-        if torch.is_grad_enabled():
-            passes += layer.weight.requires_grad + x.requires_grad
-        total += forward * passes
-
-    handles = [layer.register_forward_hook(hook)
-               for module in modules for layer in module.modules() if isinstance(layer, torch.nn.Linear)]
-    try:
-        step()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
+def gan_networks(setting, fused):
+    g, d = gan.Generator(), gan.Discriminator()
+    return g, d, *(torch.optim.Adam(net.parameters(), lr=setting["lr"], betas=(0.5, 0.999), fused=fused)
+                   for net in (g, d))
 
 
-def measure_way(way, warmup, steps):
-    """Images/s over ``steps`` timed training steps after ``FLOP_COUNT_STEPS`` untimed ones, which
-    count the Linear FLOPs per image, and ``warmup`` more untimed ones."""
-    first = Batches(way.stream, FLOP_COUNT_STEPS)
-    flops = count_linear_flops(way.modules, lambda: way.train(first))
-    if warmup > 0:
-        way.train(Batches(way.stream, warmup))
-    timed = Batches(way.stream, steps)
-    start = time.perf_counter()
-    way.train(timed)
-    seconds = time.perf_counter() - start
-    way.stream.close()  # stops the DataLoader's workers before the next measurement
-    return {"steps": steps, "images": timed.images, "seconds": seconds,
-            "images_per_s": timed.images / seconds, "linear_flops_per_image": flops / first.images,
-            "batch_size": way.batch_size, "workers": way.workers, "precision": way.precision}
+def gan_ways(root):
+    g, d, opt_g, opt_d = gan_networks(gan.TEMPLATE, fused=False)
+
+    def step(images):
+        real = images.reshape(len(images), 784)
+        fake = g(torch.randn(len(real), g.latent_dim))
+        loss_g = adam_step(opt_g, gan.generator_loss(d.logits(fake)))  # fills D's .grad too, unused
+        return [loss_g, adam_step(opt_d, gan.discriminator_loss(d.logits(real), d.logits(fake.detach())))]
+
+    batch, s = gan.TEMPLATE["batch_size"], gan.OURS
+    loader = torchvision_loader(root, [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))], batch)
+    og, od, ours_g, ours_d = gan_networks(s, fused=True)
+    average = copy.deepcopy(og)  # the weight average main() keeps
+    train = lambda b: gan.train(b, od, og, ours_g, ours_d, average=average, ema_decay=s["ema_decay"],
+                                r1_gamma=s["r1_gamma"], r1_interval=s["r1_interval"])
+    return (batch, loader, template_loop(step)), (s["batch_size"], mnist.mnist_gan(root, s["batch_size"]),
+                                                  train)
 
 
-def matmul_gflops(size, reps, dtype=torch.float32):
-    """GFLOP/s of a square ``torch.mm`` (2 size^3 FLOPs) in ``dtype``, median and best of ``reps``
-    timings, and the rate of every timing."""
-    generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
-    c = torch.mm(a, b)  # warm-up: thread pool and caches
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b, out=c)
-        times.append(time.perf_counter() - start)
-    flops = 2 * size**3
-    return {"size": size, "reps": reps, "dtype": str(dtype).removeprefix("torch."),
-            "gflops_median": flops / statistics.median(times) / 1e9, "gflops_best": flops / min(times) / 1e9,
-            "gflops": [flops / t / 1e9 for t in times]}
+def nf_ways(root):
+    model, batch, s = nf.Model([nf.N_PIXELS]), nf.TEMPLATE["batch_size"], nf.OURS
+    optimizer = torch.optim.Adam(model.parameters(), lr=nf.TEMPLATE["lr"])
+    step = lambda x: [adam_step(optimizer, nf.bits_per_dim(model(x)).mean())]
+    ours = nf.Model([nf.N_PIXELS])
+    ours_optimizer = torch.optim.Adam(ours.parameters(), lr=s["lr"], fused=True)
+    train = mnist.mnist(root, s["batch_size"])[0]
+    total = nf.parse_args([]).epochs * len(train)
+    lr_at = lambda i: nf.get_lr(i, total, s, len(train))
+    return ((batch, template_loader(root, batch, WORKERS), template_loop(step)),
+            (s["batch_size"], train, lambda b: nf.epoch_iter(ours, b, ours_optimizer, lr_at, s["clip"])))
 
 
-def merge_matmul(measurements):
-    """One measurement of the GEMM from several taken at different times of the run: its best is the
-    best repetition of all of them, as this machine's speed drifts by tens of percent over minutes."""
-    rates = [rate for measurement in measurements for rate in measurement["gflops"]]
-    return {**measurements[0], "reps": len(rates), "measurements": len(measurements),
-            "gflops_median": statistics.median(rates), "gflops_best": max(rates),
-            "gflops_best_per_measurement": [m["gflops_best"] for m in measurements], "gflops": rates}
+MODELS = {"vae": ("VAE", vae_ways), "gan": ("GAN", gan_ways), "nf": ("flow", nf_ways)}
 
 
-def cpu_model_and_cores():
-    """(CPU model name, physical cores) from /proc/cpuinfo where there is one."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), None
-    model, cores = None, set()
-    for block in text.split("\n\n"):
-        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
-        model = model or fields.get("model name")
-        if "core id" in fields:
-            cores.add((fields.get("physical id"), fields["core id"]))
-    return model or platform.processor() or platform.machine(), len(cores) or None
+def measure_model(build, root, steps, rounds, auto):
+    """Images/s per round of each column: template (fp32), ours (``auto``) and, if bf16, ours in fp32."""
+    (t_batch, t_loader, t_train), (o_batch, o_loader, o_train) = build(root)
+    t_stream, o_stream = endless(t_loader), endless(o_loader)
+    columns = {"template": (t_stream, t_train, "fp32"), "ours": (o_stream, o_train, auto)}
+    if auto == "bf16":
+        columns["ours fp32"] = (o_stream, o_train, "fp32")
+    rates = {name: [] for name in columns}
+    for _ in range(rounds):
+        for name, (stream, train, mode) in columns.items():
+            with precision(mode):
+                train(Batches(stream, min(WARMUP, steps)))
+                timed, start = Batches(stream, steps), time.perf_counter()
+                train(timed)
+                rates[name].append(timed.images / (time.perf_counter() - start))
+            print(f"  {name:<9} {rates[name][-1]:8,.0f} images/s", flush=True)
+    t_stream.close()  # stops the DataLoader's workers
+    return {"steps": steps, "batch_size": {"template": t_batch, "ours": o_batch}, "rounds": rates,
+            "images_per_s": {name: statistics.median(r) for name, r in rates.items()}}
+
+
+def matmul_rate(size, mode):
+    """GFLOP/s (median of MATMUL_REPS) of a square fp32 ``torch.mm`` in ``mode``, and its largest
+    deviation from the plain fp32 product relative to the product's largest entry: 1e-6 or less when it
+    computes in fp32, about 1e-3 when it rounds the inputs to bf16 (8 significant bits)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    exact = torch.mm(a, b)
+    with precision(mode):
+        deviation = ((torch.mm(a, b) - exact).abs().max() / exact.abs().max()).item()
+        times = []
+        for _ in range(MATMUL_REPS):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+    return {"gflops": 2 * size**3 / statistics.median(times) / 1e9, "relative_deviation": deviation}
 
 
 def machine_facts():
-    cpu_model, physical_cores = cpu_model_and_cores()
-    return {
-        "cpu_model": cpu_model,
-        "logical_cores": os.cpu_count(),
-        "physical_cores": physical_cores,
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
-# ---------------------------------------------------------------- time to the quality bars
-
-def read_metrics(results, run):
-    path = Path(results) / run / "metrics.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
-def first_reached(points, reached):
-    """(epoch, seconds, value) of the first (epoch, seconds, value) point whose value passes ``reached``."""
-    return next(((e, s, v) for e, s, v in points if reached(v)), None)
-
-
-def quality_bar(model, bar, points, reached, best, device=None):
-    """A row of the time-to-bar table from the run's curve as (epoch, cumulative seconds, value) points;
-    no points means no run (or one that did not record the curve). ``device`` is where the run trained:
-    its seconds are only this machine's when it is the CPU."""
-    row = {"model": model, "bar": bar, "status": "no run", "epoch": None, "seconds": None, "best": None,
-           "device": device}
-    if not points:
-        return row
-    row["best"] = best(value for _, _, value in points)
-    hit = first_reached(points, reached)
-    if hit is None:
-        row["status"] = "not reached"
-    else:
-        row["status"] = "reached"
-        row["epoch"], row["seconds"], _ = hit
-    return row
-
-
-def quality_bars(results):
-    """Wall time each default run needed to reach its bar, from its curves (cumulative training seconds
-    at the end of each epoch)."""
-    rows = []
-    metrics = read_metrics(results, "vae")
-    curves = (metrics or {}).get("curves", {})
-    # Index 0 of the VAE's curves is the untrained model, at 0 s.
-    points = list(zip(itertools.count(0), curves.get("wall_time_s", []), curves.get("val_negative_elbo", [])))
-    rows.append(quality_bar("VAE", f"validation negative ELBO <= {VAE_BAR:g} nats (validation proxy "
-                                   "for the test bar)", points, lambda v: v <= VAE_BAR, min,
-                            (metrics or {}).get("device")))
-    metrics = read_metrics(results, "nf")
-    curves = (metrics or {}).get("curves", {})
-    points = list(zip(itertools.count(1), curves.get("wall_time_s", []), curves.get("val_bpd", [])))
-    rows.append(quality_bar("flow", f"validation bpd < {NF_BAR:g}", points, lambda v: v < NF_BAR, min,
-                            (metrics or {}).get("device")))
-    metrics = read_metrics(results, "gan")
-    times = (metrics or {}).get("curves", {}).get("wall_time_s", [])
-    progress = sorted((metrics or {}).get("progress", []), key=lambda entry: entry["epoch"])
-    points = [(entry["epoch"], times[entry["epoch"] - 1], entry["score"]) for entry in progress
-              if entry["epoch"] <= len(times)]
-    rows.append(quality_bar("GAN", f"classifier score >= {GAN_BAR:g} (scored at the progress epochs only)",
-                            points, lambda v: v >= GAN_BAR, max, (metrics or {}).get("device")))
-    return rows
-
-
-def training_seconds(results):
-    """Training seconds recorded by each of `make results`' runs (None where a run has no metrics)."""
-    return {run: (read_metrics(results, run) or {}).get("wall_time_s") for run in RUNS}
-
-
-def training_devices(results):
-    """Where each of `make results`' runs trained (None where a run has no metrics)."""
-    return {run: (read_metrics(results, run) or {}).get("device") for run in RUNS}
-
-
-def on_cpu(device):
-    return device in (None, "cpu")
-
-
-# ---------------------------------------------------------------- report
-
-def goals(report):
-    """Each goal of the issue: the measured value and whether it is met (None: nothing to judge by)."""
-    models, bars = report["models"], {row["model"]: row for row in report["quality_bars"]}
-    flow_bar = bars["flow"]
-    seconds = report["training_seconds"]
-    total = sum(seconds.values()) if None not in seconds.values() else None
-    elsewhere = [run for run, device in report["training_devices"].items() if not on_cpu(device)]
-    return [
-        {"goal": f"VAE end-to-end throughput >= {GOAL_SPEEDUP:g}x the template's",
-         "value": f"{models['vae']['speedup']:.2f}x", "met": models["vae"]["speedup"] >= GOAL_SPEEDUP},
-        {"goal": f"GAN end-to-end throughput >= {GOAL_SPEEDUP:g}x the template's",
-         "value": f"{models['gan']['speedup']:.2f}x", "met": models["gan"]["speedup"] >= GOAL_SPEEDUP},
-        {"goal": f"flow training step >= {GOAL_MATMUL_FRACTION:.0%} of matmul throughput",
-         "value": f"{models['nf']['ours']['matmul_fraction']:.0%}" + (
-             f" (bf16 matmuls: {models['nf']['ours']['gflops'] / report['matmul_bf16']['gflops_best']:.0%}"
-             " of the bf16 rate)" if models["nf"]["ours"]["precision"] == "bf16" else ""),
-         "met": models["nf"]["ours"]["matmul_fraction"] >= GOAL_MATMUL_FRACTION},
-        {"goal": f"flow below {NF_BAR:g} validation bpd in <= {GOAL_NF_SECONDS // 60} min",
-         "value": _bar_value(flow_bar),
-         "met": None if flow_bar["status"] == "no run" or not on_cpu(flow_bar["device"]) else
-         flow_bar["status"] == "reached" and flow_bar["seconds"] <= GOAL_NF_SECONDS},
-        {"goal": f"make results <= {GOAL_RESULTS_SECONDS // 3600} h (training time only; evaluation "
-                 "and figures come on top)",
-         "value": "runs missing" if total is None else
-         f"{total / 60:.0f} min" + (f" (not all on this CPU: {', '.join(elsewhere)})" if elsewhere else ""),
-         "met": None if total is None or elsewhere else total <= GOAL_RESULTS_SECONDS},
-    ]
-
-
-def _bar_value(row):
-    if row["status"] == "reached":
-        where = "" if on_cpu(row.get("device")) else f", on {row['device']}, not this CPU"
-        return f"{row['seconds'] / 60:.1f} min (epoch {row['epoch']}{where})"
-    if row["status"] == "not reached":
-        return f"not reached (best {row['best']:.4g})"
-    return "no run"
-
-
-def _met(value):
-    return {True: "met", False: "NOT met", None: "not judged"}[value]
+    return {"cpu": common.device_name(torch.device("cpu")), "amx": torch.cpu._is_amx_tile_supported(),
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "logical_cores": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0]}
 
 
 def markdown(report):
-    machine, gemm = report["machine"], report["matmul"]
-    lines = [
-        "# Training speed",
-        "",
-        f"`{report['run']['command']}` at {report['run']['started']}, commit {report['run']['git_commit']}.",
-        "",
-        "## Machine",
-        "",
-        "| fact | value |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in machine.items()),
-        "",
-        f"fp32 matmul ({gemm['size']}x{gemm['size']}, best of {gemm['reps']} in {gemm['measurements']} "
-        f"measurements, before each model and at the end: "
-        + ", ".join(f"{best:.1f}" for best in gemm["gflops_best_per_measurement"]) + "): "
-        f"**{gemm['gflops_best']:.1f} GFLOP/s** (median {gemm['gflops_median']:.1f}); the same in bf16: "
-        f"{report['matmul_bf16']['gflops_best']:.1f} GFLOP/s. The best repetition is the machine's rate, as "
-        "noise only ever slows one down. The goal's fraction is of the fp32 rate; "
-        "a model whose training matmuls run in bf16 (column precision) can exceed what fp32 could reach.",
-        "",
-        "## Training throughput, end to end with data loading",
-        "",
-        "Template: torchvision MNIST + per-sample PIL transforms, DataLoader with workers, plain Adam, "
-        "`.item()` every batch. Ours: in-memory loaders, the scripts' optimizers and training functions. "
-        "GFLOP/s counts Linear layers, forward and backward (3x forward; 2x for a first layer fed data "
-        "or noise).",
-        "",
-        "Each way's img/s is its median over rounds that alternate the two ways (every round is in "
-        "benchmark.json).",
-        "",
-        "| model | batch | steps x rounds | template img/s | ours img/s | speed-up | Linear MFLOP/image "
-        "| template GFLOP/s | ours GFLOP/s | ours precision | ours of fp32 matmul |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["models"].values():
-        template, ours = row["template"], row["ours"]
-        lines.append(
-            f"| {row['name']} | {ours['batch_size']} | {ours['steps']} x {len(ours['rounds_images_per_s'])} "
-            f"| {template['images_per_s']:,.0f} "
-            f"| {ours['images_per_s']:,.0f} | {row['speedup']:.2f}x "
-            f"| {ours['linear_flops_per_image'] / 1e6:.1f} | {template['gflops']:.1f} "
-            f"| {ours['gflops']:.1f} | {ours['precision']} | {ours['matmul_fraction']:.0%} |")
-    lines += [
-        "",
-        "## Wall time to the quality bar (from the runs' metrics.json, training seconds)",
-        "",
-        "| model | bar | time |",
-        "|---|---|---|",
-        *(f"| {row['model']} | {row['bar']} | {_bar_value(row)} |" for row in report["quality_bars"]),
-        "",
-        "## Goals",
-        "",
-        "| goal | measured | |",
-        "|---|---|---|",
-        *(f"| {goal['goal']} | {goal['value']} | {_met(goal['met'])} |" for goal in report["goals"]),
-        "",
-    ]
-    return "\n".join(lines)
+    lines = ["# Training speed", "", f"`{report['command']}` at {report['started']}", "",
+             *(f"- {key}: {value}" for key, value in report["machine"].items()),
+             f"- training precision of ours (`--precision auto`): {report['precision']}", "",
+             "| square torch.mm | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 | bf16 deviation | rounds? |",
+             "|---|---|---|---|---|---|"]
+    for size, row in report["matmul"].items():
+        fp32, bf16 = row["fp32"]["gflops"], row.get("bf16")
+        cells = "skipped | | |" if not bf16 else (
+            f"{bf16['gflops']:.1f} | {bf16['gflops'] / fp32:.2f}x | {bf16['relative_deviation']:.1g} | "
+            + ("yes" if bf16["relative_deviation"] > 1e-4 else "no: fp32 kernels"))
+        lines.append(f"| {size} | {fp32:.1f} | {cells} |")
+    lines += [] if BF16_FAST else ["", SKIPPED]
+    lines += ["", NO_AMX] if report["precision"] != "bf16" else []
+    lines += ["", f"Images/s, end to end with data loading, median of {report['rounds']} alternating rounds:",
+              "", "| model | steps | batch template / ours | template | ours | ours / template | ours fp32 "
+              "| bf16 / fp32 |", "|---|---|---|---|---|---|---|---|"]
+    for key, row in report["models"].items():
+        rate, batch = row["images_per_s"], row["batch_size"]
+        fp32 = rate.get("ours fp32")
+        fp32_cells = f"{fp32:,.0f} | {rate['ours'] / fp32:.2f}x" if fp32 else "- | -"
+        lines.append(f"| {MODELS[key][0]} | {row['steps']} | {batch['template']} / {batch['ours']} | "
+                     f"{rate['template']:,.0f} | {rate['ours']:,.0f} | {rate['ours'] / rate['template']:.2f}x"
+                     f" | {fp32_cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=common.existing_dir, default=common.DEFAULT_DATA_ROOT,
-                        help="folder holding MNIST/raw")
+    parser.add_argument("--steps", type=common.positive_int, default=None,
+                        help="timed steps per round and way, for every model (default VAE 200, GAN 160, "
+                             "flow 20)")
+    parser.add_argument("--rounds", type=common.positive_int, default=3, help="rounds per way (default 3)")
     parser.add_argument("--out", default="results", help="folder for benchmark.md and benchmark.json")
-    parser.add_argument("--results", default="results",
-                        help="folder holding the training runs' <run>/metrics.json")
-    parser.add_argument("--quick", action="store_true",
-                        help="a handful of steps: a smoke run, not a measurement")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_root", type=common.existing_dir, default=common.DEFAULT_DATA_ROOT,
+                        help="folder holding MNIST/raw")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    steps = QUICK_STEPS if args.quick else STEPS
-    gemm = (QUICK_GEMM_SIZE, QUICK_GEMM_REPS) if args.quick else (GEMM_SIZE, GEMM_REPS)
-    report = {"run": common.run_info(args, "cpu"), "machine": machine_facts(),
-              "matmul_bf16": matmul_gflops(*gemm, torch.bfloat16), "models": {}}
-    print(f"bf16 matmul: {report['matmul_bf16']['gflops_best']:.1f} GFLOP/s", flush=True)
-    gemms = []  # fp32, measured before each model and at the end
-    rounds = QUICK_ROUNDS if args.quick else ROUNDS
+    common.seed_everything(0)
+    auto = common.resolve_precision("auto", torch.device("cpu"))
+    report = {"command": " ".join(["train_speed.py", *(sys.argv[1:] if argv is None else argv)]),
+              "started": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_facts(), "precision": auto,
+              "rounds": args.rounds, "matmul": {}, "models": {}}
+    print(", ".join(f"{k} {v}" for k, v in report["machine"].items()), f"-> ours trains in {auto}")
+    for size in MATMUL_SIZES:
+        row = report["matmul"][size] = {mode: matmul_rate(size, mode) for mode in ("fp32", "bf16")
+                                        if mode == "fp32" or BF16_FAST}
+        print(f"torch.mm {size}: " + ", ".join(f"{mode} {r['gflops']:.1f} GFLOP/s (relative deviation "
+                                              f"{r['relative_deviation']:.2g})" for mode, r in row.items()))
+    if not BF16_FAST:
+        print(SKIPPED)
     for key, (name, build) in MODELS.items():
-        gemms.append(matmul_gflops(*gemm))
-        print(f"fp32 matmul: {gemms[-1]['gflops_best']:.1f} GFLOP/s", flush=True)
-        warmup, timed = steps[key]
-        row = {"name": name}
-        measured = {"template": [], "ours": []}
-        for _ in range(rounds):
-            for way, results in measured.items():
-                results.append(measure_way(build(way, args.data_root, args.seed), warmup, timed))
-                print(f"{name} {way}: {results[-1]['images_per_s']:,.0f} images/s", flush=True)
-        for way, results in measured.items():
-            result = sorted(results, key=lambda r: r["images_per_s"])[(len(results) - 1) // 2]
-            result["rounds_images_per_s"] = [r["images_per_s"] for r in results]
-            result["gflops"] = result["linear_flops_per_image"] * result["images_per_s"] / 1e9
-            row[way] = result
-        row["speedup"] = row["ours"]["images_per_s"] / row["template"]["images_per_s"]
-        report["models"][key] = row
-    gemms.append(matmul_gflops(*gemm))
-    report["matmul"] = merge_matmul(gemms)
-    peak = report["matmul"]["gflops_best"]
-    print(f"fp32 matmul: {gemms[-1]['gflops_best']:.1f} GFLOP/s; best of the run {peak:.1f}", flush=True)
-    for row in report["models"].values():
-        for way in ("template", "ours"):
-            row[way]["matmul_fraction"] = row[way]["gflops"] / peak
-    report["quality_bars"] = quality_bars(args.results)
-    report["training_seconds"] = training_seconds(args.results)
-    report["training_devices"] = training_devices(args.results)
-    report["goals"] = goals(report)
-
-    out = Path(args.out)
-    text = markdown(report)
+        steps = args.steps or STEPS[key]
+        print(f"{name}: {steps} steps x {args.rounds} rounds", flush=True)
+        report["models"][key] = measure_model(build, args.data_root, steps, args.rounds, auto)
+    out, text = Path(args.out), markdown(report)
     common.write_json(out / "benchmark.json", report)
     common.atomic_write(out / "benchmark.md", lambda tmp: Path(tmp).write_text(text))
-    print(text)
-    print(f"wrote {out / 'benchmark.md'} and {out / 'benchmark.json'}")
+    print(text + f"wrote {out / 'benchmark.md'} and {out / 'benchmark.json'}")
     return report
 
 
