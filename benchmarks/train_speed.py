@@ -21,9 +21,10 @@ median images/s, and ours its ratio to the template's.
 
 Precision, one mechanism, decided by measurement: oneDNN may compute fp32 matmuls with their inputs
 rounded to bf16 (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). On an Intel Xeon with
-AMX units that ran a 2048^2 ``torch.mm`` about 6x as fast as fp32; on an AMD EPYC with AVX-512 BF16 but no AMX, oneDNN kept fp32 kernels in that mode (its results
-deviated from fp32 by 1e-6, not the 1e-3 of bf16 rounding), so it gains no precision trade-off
-there; on an AVX2 CPU it emulates bf16 at about 1 GFLOP/s. So ``auto`` is bf16 only with AMX
+AMX units that ran a 2048^2 ``torch.mm`` about 6x as fast as fp32; on an AMD EPYC with AVX-512
+BF16 but no AMX, oneDNN kept fp32 kernels in that mode (its results deviated from fp32 by 1e-6, not
+the 1e-3 of bf16 rounding), so it rounds nothing there; on an AVX2 CPU it emulates bf16 at about
+1 GFLOP/s. So ``auto`` is bf16 only with AMX
 (``common.has_amx``). The matmul rows give this CPU's rate of square ``torch.mm`` in fp32 and in
 the bf16 mode, and the mode's deviation from fp32, which shows whether it rounds at all; the mode is
 not timed on CPUs with neither AMX nor AVX-512 BF16.
