@@ -1,4 +1,5 @@
-"""Shared fixtures: small, valid IDX files in torchvision's MNIST layout, and the repository paths."""
+"""Shared fixtures: small, valid IDX files in torchvision's MNIST layout, the settings a run changes
+process-wide (restored after every test), and the marker of the tests that need bf16 hardware."""
 
 import sys
 from pathlib import Path
@@ -11,12 +12,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402
+import datasets.bmnist  # noqa: E402
+import datasets.mnist  # noqa: E402
 import datasets.raw  # noqa: E402
+import evaluation  # noqa: E402
 
 N_FAKE_TRAIN, N_FAKE_TEST = 120, 30
-# For the tests of bf16 training matmuls, which oneDNN runs on CPUs with AMX units only.
-needs_amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),
-                               reason="oneDNN's bf16 matmuls need a CPU with AMX units")
+# The tests of bf16 training matmuls: --precision auto picks bf16 only where common.has_amx(); on
+# other CPUs oneDNN runs these matmuls in fp32 (AVX-512 BF16) or emulates bf16 (AVX2).
+needs_amx = pytest.mark.skipif(
+    not common.has_amx(),
+    reason="this CPU has no AMX units (common.has_amx() is False): oneDNN keeps the bf16 training "
+           "matmuls in fp32 here, and no run trains in bf16")
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +35,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def process_wide_settings(monkeypatch):
+    """``common.Run`` sets the training precision (a module global), flushes denormals and, inside
+    ``training_precision()``, oneDNN's matmul precision: each test gets them back as they were."""
+    monkeypatch.setattr(common, "_training_precision", common._training_precision)
+    matmul_precision = torch.backends.mkldnn.matmul.fp32_precision
+    yield
+    torch.backends.mkldnn.matmul.fp32_precision = matmul_precision
+    torch.set_flush_denormal(False)
 
 
 def write_idx(path, array):
@@ -69,3 +88,46 @@ def fake_mnist(tmp_path, monkeypatch):
 def fake_mnist_root(fake_mnist):
     """Just the data root of ``fake_mnist``, for tests that only need valid data to exist."""
     return fake_mnist.root
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    """Split points scaled down to the fake data: 120 training images -> 80 / 40 (mnist), 90 / 30
+    (bmnist); the evaluation's Parzen-width images are the last 40 and its selection reference 30 of
+    the first 80."""
+    monkeypatch.setattr(datasets.mnist, "N_TRAIN", 80)
+    monkeypatch.setattr(datasets.mnist, "N_VAL", 40)
+    monkeypatch.setattr(datasets.bmnist, "N_TRAIN", 90)
+    monkeypatch.setattr(evaluation, "N_VALIDATION", 40)
+    monkeypatch.setattr(evaluation, "N_REFERENCE", 30)
+
+
+def corrupt(root, name="t10k-labels-idx1-ubyte"):
+    """Flip one bit of an MNIST file under ``root``; returns its path."""
+    path = datasets.raw.raw_dir(root) / name
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    return path
+
+
+def assert_one_line_error(exit_info, *fragments):
+    """A SystemExit from ``common.cli``: one line, starting ``error: ``, holding ``fragments``."""
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def record_precision(module, seen):
+    """Append (module.training, oneDNN's fp32 matmul precision) to ``seen`` at every forward pass."""
+    module.register_forward_hook(lambda module, inputs, output: seen.append(
+        (module.training, torch.backends.mkldnn.matmul.fp32_precision)))
+
+
+def same_metrics(first, second):
+    """Two metrics.json dicts agree on everything but the time they were written."""
+    ignore = {"finished"}
+    assert {k: v for k, v in first.items() if k not in ignore} == \
+        {k: v for k, v in second.items() if k not in ignore}

@@ -1,9 +1,11 @@
-"""common.py: flags, checkpoints with RNG state, figures, finiteness checks, timing, run info."""
+"""common.py: flags, the run harness (seeds, log, checkpoint, resume, metrics), the one-line errors
+of ``cli``, the training precision and the figures."""
 
 import argparse
 import json
 import random
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from conftest import needs_amx
 
 import common
+from datasets.raw import ChecksumError, DataError
 
 # ---------------------------------------------------------------- flags
 
@@ -46,37 +49,68 @@ def test_bad_numbers_are_argparse_errors(capsys):
         assert "--epochs" in capsys.readouterr().err
 
 
-def common_parser():
-    return common.add_common_args(argparse.ArgumentParser(prog="train"), out="results/test")
+DOC = """Train something.
+
+    python train.py --out results/x      # an indented example line
+"""
+
+
+def run_parser():
+    return common.add_run_args(common.argument_parser(DOC), out="results/test")
+
+
+def test_run_flags_and_their_defaults():
+    args = run_parser().parse_args([])
+    assert vars(args) == {"template": False, "out": "results/test", "resume": False, "seed": 42,
+                          "device": "auto", "precision": "auto", "data_root": None}
+    args = run_parser().parse_args(["--template", "--resume", "--seed", "3", "--device", "cpu",
+                                    "--precision", "fp32"])
+    assert (args.template, args.resume, args.seed, args.device, args.precision) == (True, True, 3, "cpu",
+                                                                                    "fp32")
+
+
+def test_help_shows_the_docstring_as_written():
+    example = "\n    python train.py --out results/x      # an indented example line\n"
+    assert example in run_parser().format_help()
+
+
+@pytest.mark.parametrize("flag, value", [("--precision", "fp16"), ("--device", "tpu")])
+def test_unknown_choices_are_argparse_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
 
 
 def test_missing_data_root_is_a_clear_argparse_error(tmp_path, capsys):
     missing = tmp_path / "no-such-folder"
     with pytest.raises(SystemExit) as exit_info:
-        common_parser().parse_args(["--data-root", str(missing)])
+        run_parser().parse_args(["--data_root", str(missing)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--data-root" in err and str(missing) in err and "does not exist" in err
+    assert "--data_root" in err and str(missing) in err and "does not exist" in err
     assert not missing.exists()
+    assert run_parser().parse_args(["--data_root", str(tmp_path)]).data_root == str(tmp_path)
 
 
-def test_common_args_defaults_and_existing_data_root(tmp_path, monkeypatch):
-    args = common_parser().parse_args([])
-    assert (args.device, args.seed, args.data_root, args.out, args.resume) == (
-        "auto", 42, None, "results/test", False)
-    monkeypatch.chdir(tmp_path)
-    assert common.data_root(args) == common.DEFAULT_DATA_ROOT
-    assert (tmp_path / common.DEFAULT_DATA_ROOT).is_dir()
-    args = common_parser().parse_args(["--data-root", str(tmp_path), "--resume"])
-    assert common.data_root(args) == str(tmp_path) and args.resume
+def test_flags_are_spelled_with_underscores(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_parser().parse_args(["--data-root", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --data-root" in capsys.readouterr().err
 
+
+# ---------------------------------------------------------------- device, seeds, precision
 
 def test_get_device():
     assert common.get_device("cpu") == torch.device("cpu")
     assert common.get_device("auto").type in {"cpu", "cuda", "mps"}
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="CUDA"):
+        with pytest.raises(common.RunError, match="--device cuda"):
             common.get_device("cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(common.RunError, match="--device mps"):
+            common.get_device("mps")
 
 
 def draws():
@@ -93,84 +127,73 @@ def test_seed_everything_seeds_all_three_generators():
     assert draws() != first
 
 
-def test_setup_seeds_picks_the_device_and_flushes_denormals(tmp_path):
-    args = common_parser().parse_args(["--device", "cpu", "--seed", "5", "--data-root", str(tmp_path)])
-    try:
-        torch.set_flush_denormal(False)
-        denormal = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
-        assert (denormal * 1.0).item() != 0
-        assert common.setup(args) == (torch.device("cpu"), str(tmp_path))
-        first = draws()
-        assert (denormal * 1.0).item() == 0
-    finally:
-        torch.set_flush_denormal(False)
-    common.seed_everything(5)
-    assert draws() == first
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_bf16_on_cpus_with_amx_only(amx, monkeypatch):
+    monkeypatch.setattr(common, "has_amx", lambda: amx)
+    cpu = torch.device("cpu")
+    assert common.resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
+    assert common.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert common.resolve_precision("fp32", cpu) == "fp32"
+    assert common.resolve_precision("bf16", cpu) == "bf16"  # asked for: the user's choice
+    with pytest.raises(common.RunError, match="--precision bf16"):
+        common.resolve_precision("bf16", torch.device("cuda"))
 
 
-# ---------------------------------------------------------------- checkpoints and metrics
+def test_training_precision_sets_and_restores_onednn_matmul_precision(monkeypatch):
+    monkeypatch.setattr(common, "_training_precision", "bf16")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    with common.training_precision():
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    with pytest.raises(RuntimeError, match="a failing step"), common.training_precision():
+        raise RuntimeError("a failing step")
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
 
-def trained_model_and_optimizer(seed):
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    model(torch.randn(5, 4)).square().sum().backward()
-    optimizer.step()
-    return model, optimizer
+
+def test_training_precision_is_a_no_op_for_fp32(monkeypatch):
+    monkeypatch.setattr(common, "_training_precision", "fp32")
+    for setting in ("ieee", "none"):
+        torch.backends.mkldnn.matmul.fp32_precision = setting
+        with common.training_precision():
+            assert torch.backends.mkldnn.matmul.fp32_precision == setting
+        assert torch.backends.mkldnn.matmul.fp32_precision == setting
+
+
+def test_a_run_sets_the_precision_that_training_precision_applies(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "has_amx", lambda: True)
+    run = common.Run(run_args(tmp_path, precision="auto"))
+    assert run.precision == common._training_precision == "bf16"
+    with common.training_precision():
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    common.Run(run_args(tmp_path, precision="fp32"))
+    assert common._training_precision == "fp32"
 
 
 @needs_amx
-def test_bf16_matmuls_round_the_inputs_of_fp32_matmuls_inside_the_region_only():
-    """Inside the region an fp32 product equals the fp32 product of the inputs rounded to bf16 (to
-    fp32 summation error), with fp32 output; outside, and after an error inside, it is fp32 again."""
+def test_bf16_training_matmuls_round_the_inputs_of_fp32_matmuls(monkeypatch):
+    """When a run chose bf16, an fp32 product inside the training context equals the fp32 product of
+    the inputs rounded to bf16 (to fp32 summation error), with fp32 output; outside it is fp32."""
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 256, generator=generator), torch.randn(256, 32, generator=generator)
     exact = a.double() @ b.double()
     rounded = a.bfloat16().double() @ b.bfloat16().double()
-    with common.bf16_matmuls("bf16", torch.device("cpu")):
+    monkeypatch.setattr(common, "_training_precision", "bf16")
+    with common.training_precision():
         inside = a @ b
     assert inside.dtype == torch.float32
-    torch.testing.assert_close(inside.double(), rounded, rtol=1e-5, atol=1e-4)
-    assert (inside.double() - exact).abs().max() > 1e-2  # bf16 keeps 8 bits: really rounded
-    with pytest.raises(RuntimeError), common.bf16_matmuls("bf16", torch.device("cpu")):
-        raise RuntimeError("a failing step")
     torch.testing.assert_close((a @ b).double(), exact, rtol=1e-5, atol=1e-4)
-    with common.bf16_matmuls("fp32", torch.device("cpu")):
-        torch.testing.assert_close((a @ b).double(), exact, rtol=1e-5, atol=1e-4)
+    assert (inside.double() - exact).abs().max() > 1e-2  # bf16 keeps 8 bits: really rounded
+    torch.testing.assert_close(inside.double(), rounded, rtol=1e-5, atol=1e-4)
 
 
-def test_checkpoint_round_trip_restores_model_optimizer_values_and_rng(tmp_path):
-    model, optimizer = trained_model_and_optimizer(0)
-    path = tmp_path / "run" / "checkpoint.pt"
-    common.seed_everything(123)
-    common.save_checkpoint(path, model=model, optimizer=optimizer, epoch=3, curves={"loss": [1.0, 0.5]})
-    expected_draws = draws()
-    assert path.exists() and not list(path.parent.glob("*.tmp"))
-
-    other_model, other_optimizer = trained_model_and_optimizer(1)
-    assert not torch.equal(other_model.weight, model.weight)
-    common.seed_everything(999)
-    payload = common.load_checkpoint(path, model=other_model, optimizer=other_optimizer)
-
-    assert draws() == expected_draws, "the next random numbers after resume must be the saved ones"
-    assert payload["epoch"] == 3 and payload["curves"] == {"loss": [1.0, 0.5]}
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(other_model.state_dict()[name], tensor)
-    saved, restored = optimizer.state_dict(), other_optimizer.state_dict()
-    assert saved["param_groups"] == restored["param_groups"]
-    for index, state in saved["state"].items():
-        for key, value in state.items():
-            assert torch.equal(restored["state"][index][key], value)
+def test_check_finite_raises_a_run_error_naming_where():
+    common.check_finite(torch.tensor(1.5), "epoch 1")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(common.RunError, match="at epoch 2 step 7.*--resume"):
+            common.check_finite(torch.tensor(bad), "epoch 2 step 7")
 
 
-def test_load_checkpoint_can_leave_rng_alone(tmp_path):
-    common.save_checkpoint(tmp_path / "c.pt", step=1)
-    common.seed_everything(7)
-    expected = draws()
-    common.seed_everything(7)
-    assert common.load_checkpoint(tmp_path / "c.pt", restore_rng=False)["step"] == 1
-    assert draws() == expected
-
+# ---------------------------------------------------------------- files and checkpoints
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "metrics.json"
@@ -189,31 +212,212 @@ def test_write_json_round_trip(tmp_path):
     obj = {"fid": 12.5, "curves": {"loss": [3.0, 2.0]}, "n": 7}
     common.write_json(tmp_path / "sub" / "m.json", obj)
     assert json.loads((tmp_path / "sub" / "m.json").read_text()) == obj
+    assert not list((tmp_path / "sub").glob("*.tmp"))
 
 
-def test_run_info_records_args_code_and_device():
-    info = common.run_info(argparse.Namespace(seed=3, out="results/x"), torch.device("cpu"))
-    assert info["args"] == {"seed": 3, "out": "results/x"}
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", info["git_commit"]), info["git_commit"]
-    assert info["device"] == "cpu" and info["torch"] == torch.__version__
-    assert info["threads"] == torch.get_num_threads()
-    assert {"command", "started"} <= info.keys()
-    json.dumps(info)
+def test_git_commit_names_the_checked_out_commit():
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", common.git_commit())
 
 
-def test_check_finite():
-    common.check_finite(torch.tensor(1.5), "epoch 1")
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(common.NonFiniteLossError, match="epoch 2 step 7"):
-            common.check_finite(torch.tensor(bad), "epoch 2 step 7")
+def test_load_checkpoint_refuses_a_missing_file(tmp_path):
+    with pytest.raises(common.RunError, match="does not exist: train the model first"):
+        common.load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", bytes(range(256)) * 4])
+def test_load_checkpoint_refuses_a_garbage_file(tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(common.RunError, match="cannot be read as a checkpoint"):
+        common.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("payload", [{"model": {}}, {"args": {}, "state": {}}, [1, 2, 3],
+                                     torch.zeros(3)], ids=["other keys", "no epoch", "list", "tensor"])
+def test_load_checkpoint_refuses_what_run_save_did_not_write(tmp_path, payload):
+    path = tmp_path / "checkpoint.pt"
+    torch.save(payload, path)
+    with pytest.raises(common.RunError, match="is not a checkpoint of this code"):
+        common.load_checkpoint(path)
+
+
+# ---------------------------------------------------------------- the run harness
+
+def run_args(out, **changes):
+    """The flags of a script with one flag of its own, --zdim."""
+    return SimpleNamespace(**{"zdim": 2, "template": False, "out": str(out), "resume": False, "seed": 42,
+                              "device": "cpu", "precision": "fp32", "data_root": str(out), **changes})
+
+
+def model_and_optimizer(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).square().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+class FakeClock:
+    """perf_counter that advances by the given steps, one per call (then stands still)."""
+
+    def __init__(self, *steps):
+        self.now, self.steps = 100.0, iter(steps)
+
+    def __call__(self):
+        self.now += next(self.steps, 0.0)
+        return self.now
+
+
+def test_a_new_run_seeds_flushes_denormals_and_starts_its_log(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.log").write_text("a previous run's log\n")
+    torch.set_flush_denormal(False)
+    denormal = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
+    assert (denormal * 1.0).item() != 0
+
+    run = common.Run(run_args(out, seed=5, data_root=str(tmp_path / "data")))
+    first = draws()
+    common.seed_everything(5)
+    assert draws() == first
+    assert (denormal * 1.0).item() == 0
+    assert (run.device, run.precision, run.epoch, run.curves) == (torch.device("cpu"), "fp32", 0, {})
+    assert (tmp_path / "data").is_dir() and run.data_root == str(tmp_path / "data")
+    log = (out / "train.log").read_text().splitlines()
+    assert len(log) == 1  # the old log is gone
+    # What the run computes is named; where it runs and writes is not.
+    assert log[0].endswith(": --zdim 2 --seed 5 --precision fp32 | cpu, training matmuls in fp32")
+    assert run.restore(model=torch.nn.Linear(1, 1)) == {}  # nothing to resume
+
+
+def test_data_root_defaults_to_the_data_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = common.Run(run_args(tmp_path / "out", data_root=None))
+    assert run.data_root == common.DEFAULT_DATA_ROOT and (tmp_path / "data").is_dir()
+
+
+def test_epochs_timing_curves_and_checkpoint_round_trip(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(common.time, "perf_counter", FakeClock(0.0, 2.5, 0.0, 1.5))
+    run = common.Run(run_args(out))
+    model, optimizer = model_and_optimizer(0)
+    assert list(run.epochs(3)) == [1, 2, 3]
+    run.record(loss=5.0)  # epoch 0: the untrained model
+    for epoch in (1, 2):
+        with run.timed(n_images=100):
+            pass
+        assert run.epoch == epoch
+        run.record(loss=1.0 / epoch)
+    assert run.curves == {"loss": [5.0, 1.0, 0.5], "wall_time_s": [0.0, 2.5, 4.0]}
+    assert (run.seconds, run.images) == (4.0, 200)
+    common.seed_everything(123)
+    run.save({"samples": [1, 2]}, model=model, optimizer=optimizer)
+    expected_draws = draws()
+    log = (out / "train.log").read_text()
+    assert "epoch 0  loss 5\n" in log and "epoch 2  loss 0.5  (1.5 s)\n" in log
+
+    other_model, other_optimizer = model_and_optimizer(1)
+    common.seed_everything(999)
+    resumed = common.Run(run_args(out, resume=True))
+    assert resumed.restore(model=other_model, optimizer=other_optimizer) == {"samples": [1, 2]}
+    assert draws() == expected_draws, "the next random numbers after resume must be the saved ones"
+    assert (resumed.epoch, resumed.curves, resumed.seconds, resumed.images) == (
+        2, run.curves, 4.0, 200)
+    assert list(resumed.epochs(3)) == [3] and list(resumed.epochs(2)) == []
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(other_model.state_dict()[name], tensor)
+    saved, restored = optimizer.state_dict(), other_optimizer.state_dict()
+    assert saved["param_groups"] == restored["param_groups"]
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(restored["state"][index][key], value)
+    log = (out / "train.log").read_text()
+    assert "epoch 2  loss 0.5" in log and f"resumed from {out / 'checkpoint.pt'} after epoch 2" in log
+
+
+def test_a_run_killed_before_its_first_save_starts_afresh_on_resume(tmp_path):
+    run = common.Run(run_args(tmp_path, resume=True))
+    assert not run.resuming and run.restore(model=torch.nn.Linear(1, 1)) == {}
+
+
+def test_restore_refuses_a_checkpoint_of_other_flags_and_names_them(tmp_path):
+    common.Run(run_args(tmp_path)).save(model=torch.nn.Linear(2, 2))
+    for changes, named in (({"zdim": 3}, "--zdim 2 (asked: 3)"),
+                           ({"template": True}, "--template False (asked: True)"),
+                           ({"seed": 1, "precision": "bf16"}, "--precision fp32 (asked: bf16), --seed 42 "
+                                                              "(asked: 1)")):
+        run = common.Run(run_args(tmp_path, resume=True, **changes))
+        with pytest.raises(common.RunError) as error:
+            run.restore(model=torch.nn.Linear(2, 2))
+        assert f"was trained with {named}: rerun with its flags" in str(error.value)
+
+
+def test_restore_accepts_other_output_device_and_data_flags(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    common.Run(run_args(tmp_path)).save(model=model)
+    other = torch.nn.Linear(2, 2)
+    run = common.Run(run_args(tmp_path, resume=True, device="auto", data_root=str(tmp_path / "elsewhere")))
+    run.restore(model=other)
+    assert torch.equal(other.weight, model.weight)
+
+
+def test_finish_writes_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.time, "perf_counter", FakeClock(0.0, 4.0))
+    run = common.Run(run_args(tmp_path))
+    with run.timed(n_images=600):
+        pass
+    run.record(loss=2.0)
+    model = torch.nn.Linear(4, 3)
+    metrics = run.finish(model, test={"bpd": 1.5})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["args"] == vars(run_args(tmp_path))
+    assert (metrics["n_params"], metrics["epochs_completed"], metrics["wall_time_s"]) == (15, 1, 4.0)
+    assert metrics["images_per_s"] == 150.0
+    assert metrics["curves"] == {"loss": [2.0], "wall_time_s": [4.0]}
+    assert metrics["test"] == {"bpd": 1.5}
+    assert (metrics["device"], metrics["training_precision"], metrics["torch"]) == ("cpu", "fp32",
+                                                                                    torch.__version__)
+    assert metrics["threads"] == torch.get_num_threads()
+    assert metrics["git_commit"] == common.git_commit()
+    for key in ("command", "device_name", "finished"):
+        assert metrics[key]
+    assert "done: 0.1 min of training" in (tmp_path / "train.log").read_text()
+
+
+# ---------------------------------------------------------------- cli
+
+@pytest.mark.parametrize("error", [DataError("MNIST files missing from data/MNIST/raw"),
+                                   ChecksumError("data/x is corrupted"),
+                                   common.RunError("the loss became nan at epoch 3")])
+def test_cli_turns_data_and_run_errors_into_one_line(error):
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(main)
+    assert exit_info.value.code == f"error: {error}"  # SystemExit with a message exits with status 1
+
+
+def test_cli_says_how_to_continue_after_ctrl_c():
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit, match="interrupted: .*continue with --resume"):
+        common.cli(main)
+
+
+def test_cli_leaves_other_errors_and_success_alone():
+    def broken():
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        common.cli(broken)
+    ran = []
+    assert common.cli(lambda: ran.append(1)) is None and ran == [1]
 
 
 # ---------------------------------------------------------------- figures
-
-def assert_png_and_pdf(stem):
-    assert stem.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert stem.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
-
 
 def test_image_grid_layout():
     images = torch.arange(1, 6, dtype=torch.float32)[:, None, None, None].expand(5, 1, 3, 4) / 10
@@ -234,38 +438,51 @@ def test_image_grid_accepts_three_dimensional_and_flat_input():
     np.testing.assert_array_equal(common.image_grid(images.reshape(3, 784), nrow=2, padding=0), grid)
 
 
-def test_save_image_grid_writes_png_and_pdf(tmp_path):
+def assert_png_and_pdf(stem):
+    assert stem.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert stem.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures handed to save_figure, inspected before they are written."""
+    figures = []
+    save_figure = common.save_figure
+
+    def keep(fig, stem):
+        ax = fig.axes[0]
+        figures.append({"fig_size": tuple(fig.get_size_inches()), "title": ax.get_title(),
+                        "ylim": ax.get_ylim(), "yticklabels": [t.get_text() for t in ax.get_yticklabels()],
+                        "lines": [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+                                  for line in ax.get_lines()],
+                        "image": ax.images[0].get_array() if ax.images else None})
+        save_figure(fig, stem)
+
+    monkeypatch.setattr(common, "save_figure", keep)
+    return figures
+
+
+def test_save_image_grid_draws_the_grid_with_row_labels_and_no_title(tmp_path, drawn):
+    images = torch.rand(12, 1, 28, 28)
     stem = tmp_path / "figures" / "samples"
-    common.save_image_grid(torch.rand(12, 1, 28, 28), stem, nrow=4, title="samples",
-                           row_labels=["1 to 7", "2 to 3", "0 to 9"])
+    common.save_image_grid(images, stem, nrow=4, row_labels=["1→7", "2→3", "0→9"], width=4.5)
     assert_png_and_pdf(stem)
+    (figure,) = drawn
+    np.testing.assert_array_equal(figure["image"], common.image_grid(images, nrow=4))
+    assert figure["yticklabels"] == ["1→7", "2→3", "0→9"] and figure["title"] == ""
+    assert figure["fig_size"][0] == 4.5
     common.save_image_grid(torch.rand(3, 28, 28), tmp_path / "plain", nrow=3)
     assert_png_and_pdf(tmp_path / "plain")
+    assert drawn[1]["yticklabels"] == [] and drawn[1]["fig_size"][0] == 3.0
 
 
-def test_save_curves_writes_png_and_pdf(tmp_path):
+def test_save_curves_draws_every_curve_from_its_start_with_references_and_range(tmp_path, drawn):
     stem = tmp_path / "curves"
-    common.save_curves({"train": [3.0, 2.0, 1.5], "val": [3.1, 2.2, 1.9]}, stem, ylabel="bpd", title="t",
-                       start=1)
+    common.save_curves({"train": [3.0, 2.0, 1.5], "val": [3.1, 2.2, 1.9]}, stem, ylabel="bpd", start=1,
+                       references={"bar": 1.85}, ylim=(1.0, 4.0))
     assert_png_and_pdf(stem)
-
-
-# ---------------------------------------------------------------- speed
-
-def test_stopwatch_accumulates_and_survives_state_round_trip(monkeypatch):
-    clock = iter([10.0, 12.0, 20.0, 21.0, 30.0, 34.0])
-    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
-    watch = common.Stopwatch()
-    assert watch.images_per_second == 0.0
-    with watch:
-        watch.count(100)
-    with watch:
-        watch.count(50)
-    assert watch.seconds == 3.0 and watch.images == 150
-    assert watch.images_per_second == 50.0
-
-    resumed = common.Stopwatch(json.loads(json.dumps(watch.state())))
-    assert (resumed.seconds, resumed.images) == (3.0, 150)
-    with resumed:
-        resumed.count(250)
-    assert (resumed.seconds, resumed.images, resumed.images_per_second) == (7.0, 400, 400 / 7)
+    (figure,) = drawn
+    assert figure["lines"][:2] == [("train", [1, 2, 3], [3.0, 2.0, 1.5]), ("val", [1, 2, 3], [3.1, 2.2, 1.9])]
+    label, _, level = figure["lines"][2]
+    assert label == "bar (1.85)" and level == [1.85, 1.85]
+    assert figure["ylim"] == (1.0, 4.0)

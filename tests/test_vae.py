@@ -1,16 +1,16 @@
-"""The VAE's math against known answers, and its command line end to end on small fake data."""
+"""The VAE's math against known answers, its training loop, and its command line end to end on a
+small fake MNIST folder."""
 
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, assert_one_line_error, corrupt, needs_amx, record_precision, same_metrics
 from scipy import integrate
 from scipy.special import logsumexp
 
@@ -18,20 +18,51 @@ import a3_vae_template as vae
 import common
 from datasets.loader import TensorLoader
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def tiny_vae(z_dim=2, hidden_dim=8, seed=0):
+def tiny_vae(z_dim=2, hidden_dim=8, seed=0, hidden_layers=2):
     torch.manual_seed(seed)
-    return vae.VAE(hidden_dim=hidden_dim, z_dim=z_dim).eval()
+    return vae.VAE(hidden_dim=hidden_dim, z_dim=z_dim, hidden_layers=hidden_layers).eval()
 
 
 def binary_images(n, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    # Pixel-dependent rates give the fake digits some structure for the smoke run to learn.
+    # Pixel-dependent rates give the fake digits some structure for a model to learn.
     rates = torch.linspace(0.05, 0.6, vae.IMAGE_DIM).expand(n, -1)
     return torch.bernoulli(rates, generator=generator).reshape(n, 1, 28, 28)
 
+
+def linear_shapes(net):
+    return [(layer.in_features, layer.out_features) for layer in net if isinstance(layer, torch.nn.Linear)]
+
+
+# ---------------------------------------------------------------- model
+
+@pytest.mark.parametrize("setting", [vae.OURS, vae.TEMPLATE], ids=["ours", "template"])
+def test_encoder_and_decoder_have_the_settings_hidden_layers(setting):
+    model = vae.VAE(vae.HIDDEN_DIM, 20, setting["hidden_layers"])
+    hidden = [(500, 500)] * (setting["hidden_layers"] - 1)
+    assert linear_shapes(model.encoder.net) == [(784, 500), *hidden, (500, 40)]
+    assert linear_shapes(model.decoder.net) == [(20, 500), *hidden, (500, 784)]
+    assert sum(isinstance(layer, torch.nn.ReLU) for layer in model.decoder.net) == setting["hidden_layers"]
+
+
+def test_template_setting_is_the_course_template():
+    assert vae.TEMPLATE == {"hidden_layers": 1, "dynamic_binarization": False, "warmup_epochs": 0,
+                            "cosine_decay": False}
+    assert (vae.HIDDEN_DIM, vae.BATCH_SIZE, vae.LEARNING_RATE) == (500, 128, 1e-3)
+
+
+def test_sample_shapes_and_ranges():
+    model = tiny_vae(z_dim=4)
+    sampled_ims, im_means = model.sample(9)
+    assert sampled_ims.shape == im_means.shape == (9, vae.IMAGE_DIM)
+    assert set(sampled_ims.unique().tolist()) <= {0.0, 1.0}
+    assert ((im_means > 0) & (im_means < 1)).all()
+    mean, std = model.encoder(binary_images(5))
+    assert mean.shape == std.shape == (5, 4) and (std > 0).all()
+
+
+# ---------------------------------------------------------------- loss and likelihood estimates
 
 def test_kl_closed_form_matches_monte_carlo():
     torch.manual_seed(0)
@@ -92,7 +123,7 @@ def test_importance_sampling_is_exact_when_q_is_the_posterior():
     probabilities = torch.sigmoid(torch.linspace(-3, 3, vae.IMAGE_DIM)).double()
     flat = x.reshape(6, -1).double()
     exact = -(flat * probabilities.log() + (1 - flat) * (-probabilities).log1p()).sum(1).mean().item()
-    negative_elbo, nll = vae.test_bounds(model, TensorLoader(x, batch_size=4), n_samples=7)
+    negative_elbo, nll = vae.importance_bounds(model, TensorLoader(x, batch_size=4), n_samples=7)
     assert nll == pytest.approx(exact, rel=1e-5)
     assert negative_elbo == pytest.approx(exact, rel=1e-5)
 
@@ -111,7 +142,7 @@ def test_importance_sampling_matches_quadrature_and_beats_the_elbo():
     log_likelihood = logsumexp(log_joint, axis=0) + math.log(16 / 8000)  # Riemann sum, dz = 0.002
 
     noise = torch.Generator().manual_seed(0)
-    negative_elbo, nll = vae.test_bounds(model, TensorLoader(x, batch_size=4), 5000, noise)
+    negative_elbo, nll = vae.importance_bounds(model, TensorLoader(x, batch_size=4), 5000, noise)
     assert nll == pytest.approx(-log_likelihood.mean(), abs=0.1)
     assert negative_elbo > nll + 0.5  # a random encoder leaves a real gap
 
@@ -119,6 +150,16 @@ def test_importance_sampling_matches_quadrature_and_beats_the_elbo():
     naive = vae.naive_mc_study(model, x, [5000], repeats=2, generator=noise)["rows"][0]
     np.testing.assert_allclose(naive["naive_mean"], log_likelihood, atol=0.15)
     np.testing.assert_allclose(naive["importance_mean"], log_likelihood, atol=0.15)
+
+
+def test_importance_bounds_decode_in_chunks_without_changing_the_estimate(monkeypatch):
+    """K samples drawn in several chunks (ROWS_PER_DECODER_CALL) give the estimate of one chunk."""
+    model = tiny_vae(z_dim=2, hidden_dim=16, seed=4)
+    data = TensorLoader(binary_images(8, seed=2), batch_size=8)
+    whole = vae.importance_bounds(model, data, 12, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(vae, "ROWS_PER_DECODER_CALL", 8 * 5)  # chunks of 5, 5 and 2 samples
+    chunked = vae.importance_bounds(model, data, 12, torch.Generator().manual_seed(0))
+    assert chunked == pytest.approx(whole, rel=1e-6)
 
 
 def test_gradients_reach_the_encoder_through_the_sample():
@@ -141,34 +182,103 @@ def test_constant_images_give_finite_loss_even_with_saturated_decoder(pixel):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_sample_shapes_and_ranges():
-    model = tiny_vae(z_dim=4)
-    sampled_ims, im_means = model.sample(9)
-    assert sampled_ims.shape == im_means.shape == (9, vae.IMAGE_DIM)
-    assert set(sampled_ims.unique().tolist()) <= {0.0, 1.0}
-    assert ((im_means > 0) & (im_means < 1)).all()
-    mean, std = model.encoder(binary_images(5))
-    assert mean.shape == std.shape == (5, 4) and (std > 0).all()
-
+# ---------------------------------------------------------------- schedules
 
 def test_kl_warm_up_rises_linearly_then_stays_at_one():
     assert [vae.kl_weights(epoch, 4) for epoch in (1, 2, 4, 5)] == [(0, 0.25), (0.25, 0.5), (0.75, 1), (1, 1)]
-    assert vae.kl_weights(1, 0) == (1, 1)
+    assert [vae.kl_weights(epoch, 0) for epoch in (1, 7)] == [(1, 1), (1, 1)]
 
 
-def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32():
-    """The speed-up must not change results: on a fixed seed and batch, the full-size model's loss and
-    gradient under bf16 matmuls agree with fp32, and the loss itself is computed in fp32."""
+def test_learning_rate_is_a_half_cosine_from_the_first_epoch_or_constant():
+    lr = vae.LEARNING_RATE
+    assert vae.get_lr(1, 40, True) == lr
+    assert vae.get_lr(21, 40, True) == pytest.approx(lr / 2)
+    assert vae.get_lr(40, 40, True) == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    rates = [vae.get_lr(epoch, 40, True) for epoch in range(1, 41)]
+    assert all(a > b > 0 for a, b in zip(rates, rates[1:], strict=False))
+    assert vae.get_lr(2, 2, True) == pytest.approx(lr / 2)
+    assert {vae.get_lr(epoch, 40, False) for epoch in range(1, 41)} == {lr}
+
+
+# ---------------------------------------------------------------- epoch loop
+
+def test_training_epoch_weights_the_kl_term_by_the_warm_up_and_returns_the_true_negative_elbo(monkeypatch):
+    """Batch k of n trains on L_recon + beta_k L_reg, beta_k rising linearly to kl_weight[1] over the
+    epoch; the value returned is the mean of L_recon + L_reg (beta = 1) over the images."""
+    model = tiny_vae(z_dim=3, hidden_dim=16).train()
+    with torch.no_grad():
+        model.encoder.net[-1].weight.mul_(20)  # codes far from the prior: a KL term that matters
+    batches = list(binary_images(12, seed=7).split(4))
+    losses = []
+    monkeypatch.setattr(common, "check_finite", lambda loss, where: losses.append((loss.item(), where)))
+    torch.manual_seed(5)
+    value = vae.epoch_iter(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), kl_weight=(0.0, 0.6))
+
+    torch.manual_seed(5)  # the same reparameterisation noise, batch by batch
+    expected, total = [], 0.0
+    with torch.no_grad():
+        for step, (beta, x) in enumerate(zip((0.2, 0.4, 0.6), batches, strict=True)):
+            reconstruction, regularisation = model.loss_terms(x)
+            assert regularisation.mean() > 5
+            loss = (reconstruction + beta * regularisation).mean().item()
+            expected.append((loss, f"training batch {step}"))
+            total += (reconstruction + regularisation).sum().item()
+    assert [loss for loss, _ in losses] == pytest.approx([loss for loss, _ in expected], rel=1e-6)
+    assert [where for _, where in losses] == [where for _, where in expected]
+    assert value == pytest.approx(total / 12, rel=1e-6)
+
+
+def test_evaluation_epoch_takes_no_gradients_and_averages_over_images():
+    model = tiny_vae(z_dim=3, hidden_dim=16)
+    images = binary_images(10, seed=3)
+    torch.manual_seed(0)
+    value = vae.epoch_iter(model, TensorLoader(images, batch_size=4), None)  # batches of 4, 4, 2
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = torch.cat([sum(model.loss_terms(x)) for x in images.split(4)]).mean().item()
+    assert value == pytest.approx(expected, rel=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_nan_loss_stops_training_before_the_step():
+    model = tiny_vae().train()
+    with torch.no_grad():
+        model.decoder.net[-1].bias[0] = math.nan
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(common.RunError, match="loss became nan at training batch 0"):
+        vae.epoch_iter(model, [binary_images(4)], torch.optim.SGD(model.parameters(), lr=0.1))
+    for p, old in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p, old, rtol=0, atol=0, equal_nan=True)
+
+
+def test_run_epoch_trains_in_the_runs_precision_and_validates_in_fp32(monkeypatch):
+    monkeypatch.setattr(common, "_training_precision", "bf16")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    model = tiny_vae(z_dim=3, hidden_dim=16)
+    seen = []
+    record_precision(model.encoder.net[0], seen)
+    train, val = TensorLoader(binary_images(8), batch_size=4), TensorLoader(binary_images(4, 1), batch_size=4)
+    train_elbo, val_elbo = vae.run_epoch(model, (train, val), torch.optim.SGD(model.parameters(), lr=0.01))
+    assert seen == [(True, "bf16"), (True, "bf16"), (False, "ieee")]
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee" and not model.training
+    assert np.isfinite([train_elbo, val_elbo]).all()
+
+
+@needs_amx
+def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32(monkeypatch):
+    """On a fixed seed and batch, the full-size model's loss and gradient under the bf16 training
+    matmuls agree with fp32, and the loss itself is computed in fp32."""
     images = binary_images(32, seed=4)
     results = {}
     for precision in ("fp32", "bf16"):
-        model = tiny_vae(z_dim=20, hidden_dim=500, seed=1).train()
-        with common.autocast(precision, torch.device("cpu")):
+        monkeypatch.setattr(common, "_training_precision", precision)
+        model = tiny_vae(z_dim=20, hidden_dim=vae.HIDDEN_DIM, seed=1).train()
+        with common.training_precision():
             torch.manual_seed(2)
             reconstruction, regularisation = model.loss_terms(images)
-        assert reconstruction.dtype == regularisation.dtype == torch.float32
-        loss = (reconstruction + regularisation).mean()
-        loss.backward()
+            assert reconstruction.dtype == regularisation.dtype == torch.float32
+            loss = (reconstruction + regularisation).mean()
+            loss.backward()
         results[precision] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
     (loss_fp32, grad_fp32), (loss_bf16, grad_bf16) = results["fp32"], results["bf16"]
     assert loss_bf16 == pytest.approx(loss_fp32, abs=0.05)
@@ -176,130 +286,171 @@ def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32():
     assert (grad_bf16.norm() / grad_fp32.norm()).item() == pytest.approx(1, abs=0.01)
 
 
-def test_bf16_epoch_trains_on_the_updated_weights_at_every_step():
-    """Two bf16 steps of epoch_iter equal two steps that each open their own autocast region: the
-    second forward pass must see the weights of the first update, not autocast's cached copies."""
-    images = binary_images(8, seed=6)
-    stepped = tiny_vae(z_dim=4, hidden_dim=32, seed=2).train()
-    optimizer = torch.optim.SGD(stepped.parameters(), lr=0.1)
-    torch.manual_seed(3)
-    vae.epoch_iter(stepped, TensorLoader(images, batch_size=4), optimizer, precision="bf16")
-
-    reference = tiny_vae(z_dim=4, hidden_dim=32, seed=2).train()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    torch.manual_seed(3)
-    for batch in images.split(4):
-        with common.autocast("bf16", torch.device("cpu")):
-            loss = reference(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    for trained, expected in zip(stepped.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(trained, expected)
-
-
-def test_evaluation_ignores_the_training_precision():
-    model = tiny_vae(z_dim=4, hidden_dim=16)
-    loader = TensorLoader(binary_images(6, seed=5), batch_size=3)
+def test_fused_adam_trains_as_plain_adam():
+    """The script's fused Adam is a speed-up only: three steps of epoch_iter give the parameters and
+    the loss of torch's plain Adam from the same seed."""
+    batches = list(binary_images(96, seed=8).split(32))
+    models, values = [], []
+    for fused in (True, False):
+        model = tiny_vae(z_dim=4, hidden_dim=64).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=vae.LEARNING_RATE, fused=fused)
+        torch.manual_seed(1)
+        values.append(vae.epoch_iter(model, batches, optimizer))
+        models.append(model)
+    for fused, plain in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
     torch.manual_seed(0)
-    fp32 = vae.epoch_iter(model, loader, None)
-    torch.manual_seed(0)
-    assert vae.epoch_iter(model, loader, None, precision="bf16") == fp32
+    untrained = vae.VAE(64, 4)
+    assert (models[0].encoder.net[0].weight - untrained.encoder.net[0].weight).abs().max() > 1e-3
 
 
-def fake_bmnist(root, batch_size, download=True, *, dynamic=False, **_):
-    assert Path(root).is_dir() and dynamic
-    return (TensorLoader(binary_images(64, seed=1), batch_size=batch_size, shuffle=True),
-            TensorLoader(binary_images(32, seed=2), batch_size=batch_size),
-            TensorLoader(binary_images(24, seed=3), batch_size=batch_size))
+# ---------------------------------------------------------------- command line
 
-
-def test_cli_smoke_run_writes_every_output_and_resumes(tmp_path, monkeypatch):
-    evaluated = []
-
-    def evaluate_samples(images, root, device):
-        evaluated.append(images)
-        return {"fid": 1.0}
-
-    monkeypatch.setattr(vae, "bmnist", fake_bmnist)
-    monkeypatch.setattr(vae, "evaluation", SimpleNamespace(evaluate_samples=evaluate_samples))
+@pytest.fixture
+def smoke(fake_mnist, small_splits, monkeypatch):
+    """The script on the fake MNIST folder with its real data, evaluation and classifier code, at
+    small sizes: batches of 32, 100 evaluation samples, a naive Monte-Carlo study of 2 x (10, 100)."""
+    monkeypatch.setattr(vae, "BATCH_SIZE", 32)
+    monkeypatch.setattr(vae, "EVALUATION_SAMPLES", 100)
     monkeypatch.setattr(vae, "NAIVE_MC_SAMPLE_COUNTS", (10, 100))
-    monkeypatch.setattr(vae, "EVALUATION_SAMPLES", 50)
-    out = tmp_path / "out"
-    argv = ["--epochs", "2", "--zdim", "2", "--hidden-dim", "16", "--batch-size", "16",
-            "--importance-samples", "8", "--device", "cpu", "--data-root", str(tmp_path), "--out", str(out)]
-    vae.main(argv)
+    monkeypatch.setattr(vae, "NAIVE_MC_REPEATS", 2)
+    return fake_mnist.root
+
+
+def argv(root, out, *flags):
+    return ["--epochs", "2", "--zdim", "2", "--importance_samples", "4", "--device", "cpu",
+            "--data_root", str(root), "--out", str(out), *flags]
+
+
+def run_main(root, out, *flags):
+    vae.main(argv(root, out, *flags))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(smoke, capsys):
+    out = smoke / "vae"
+    metrics = run_main(smoke, out, "--resume")  # no checkpoint yet: a new run
 
     figures = ["negative_elbo", "negative_elbo_zoom", "manifold"] + [
         f"{kind}_epoch{epoch:03d}" for kind in ("samples", "means") for epoch in (0, 1, 2)]
     expected = {f"{stem}.{ext}" for stem in figures for ext in ("png", "pdf")}
-    expected |= {"checkpoint.pt", "metrics.json", "train.log"}
-    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in out.iterdir()} == expected | {"checkpoint.pt", "metrics.json", "train.log"}
 
-    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 2
+    assert metrics["setting"] == {**vae.OURS, "hidden_dim": 500, "batch_size": 32, "lr": 1e-3}
+    assert metrics["training_precision"] == common.resolve_precision("auto", torch.device("cpu"))
     curves = metrics["curves"]
-    assert len(curves["train_negative_elbo"]) == len(curves["val_negative_elbo"]) == 3
-    assert curves["wall_time_s"][0] == 0.0 and curves["wall_time_s"][2] > curves["wall_time_s"][1] > 0
-    assert curves["val_negative_elbo"][2] < curves["val_negative_elbo"][0]
-    test = metrics["test"]
-    assert test["importance_samples"] == 8
-    assert 0 < test["nll_importance"] <= test["negative_elbo"]
-    assert [row["samples"] for row in metrics["naive_mc"]["rows"]] == [10, 100]
-    assert len(metrics["naive_mc"]["rows"][0]["naive_std"]) == 5
-    assert metrics["evaluation"] == {"fid": 1.0}
-    assert evaluated[0].shape == (50, vae.IMAGE_DIM)
-    assert metrics["n_params"] == sum(p.numel() for p in vae.VAE(16, 2).parameters())
-    for key in ("args", "command", "git_commit", "device", "torch", "threads", "started", "images_per_s"):
-        assert key in metrics
+    assert set(curves) == {"train_negative_elbo", "val_negative_elbo", "wall_time_s"}
+    assert all(len(values) == 3 for values in curves.values())  # epoch 0 (untrained), 1 and 2
+    assert curves["wall_time_s"][0] == 0.0 < curves["wall_time_s"][1] < curves["wall_time_s"][2]
+    assert curves["train_negative_elbo"][0] == pytest.approx(784 * math.log(2), rel=0.02)  # p = 1/2
+    for split in ("validation", "test"):
+        assert metrics[split]["importance_samples"] == 4
+        # The same K log-weights: log-mean-exp >= mean, so the NLL estimate never exceeds the -ELBO.
+        assert 0 < metrics[split]["nll_importance"] <= metrics[split]["negative_elbo"]
+    naive = metrics["naive_mc"]
+    assert (naive["images"], naive["repeats"]) == (5, 2)
+    assert [row["samples"] for row in naive["rows"]] == [10, 100]
+    assert all(len(row[key]) == 5 for row in naive["rows"] for key in row if key != "samples")
+    assert metrics["evaluation"]["reference"] == "test" and metrics["evaluation"]["n_samples"] == 100
+    assert metrics["n_params"] == sum(p.numel() for p in vae.VAE(500, 2, 2).parameters())
 
-    sample = vae.load_sampler(out / "checkpoint.pt", "cpu")
-    images = sample(6)
-    assert images.shape == (6, vae.IMAGE_DIM) and images.device.type == "cpu"
-    assert images.min() >= 0 and images.max() <= 1
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    group = saved["state"]["optimizer"]["param_groups"][0]
+    assert group["fused"] and group["lr"] == pytest.approx(vae.get_lr(2, 2, True))
+    assert sorted(saved["extra"]["samples"]) == [0, 1, 2]
+    images = vae.load_sampler(out / "checkpoint.pt")(6)
+    assert images.shape == (6, vae.IMAGE_DIM) and images.min() >= 0 and images.max() <= 1
 
-    # Resuming a finished run trains nothing and rewrites the same numbers.
-    (out / "metrics.json").unlink()
-    vae.main(argv + ["--resume"])
-    again = json.loads((out / "metrics.json").read_text())
-    assert again["curves"] == curves and again["test"] == test
+    # --resume of the finished run trains nothing and rewrites the same numbers.
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    same_metrics(run_main(smoke, out, "--resume"), metrics)
+    assert "resumed from" in capsys.readouterr().out
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+
+    # Resuming with other flags is refused, in one line that names the flag.
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(lambda: vae.main(argv(smoke, out, "--resume", "--zdim", "3")))
+    assert_one_line_error(exit_info, "--zdim 2 (asked: 3)")
 
 
-def test_resume_after_a_nan_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(vae, "bmnist", fake_bmnist)
-    monkeypatch.setattr(vae, "evaluation", None)
-    monkeypatch.setattr(vae, "NAIVE_MC_SAMPLE_COUNTS", (10,))
+def test_template_flag_trains_the_templates_model_the_templates_way(smoke, monkeypatch):
+    calls = {"bmnist": [], "kl_weights": []}
+    bmnist, kl_weights = vae.bmnist, vae.kl_weights
+    monkeypatch.setattr(vae, "bmnist", lambda *args, **kwargs: calls["bmnist"].append(kwargs)
+                        or bmnist(*args, **kwargs))
+    monkeypatch.setattr(vae, "kl_weights", lambda *args: calls["kl_weights"].append(args)
+                        or kl_weights(*args))
+    out = smoke / "template"
+    metrics = run_main(smoke, out, "--template")
 
-    def run(out, *flags):
-        vae.main(["--zdim", "3", "--hidden-dim", "8", "--batch-size", "16", "--importance-samples", "4",
-                  "--device", "cpu", "--data-root", str(tmp_path), "--out", str(tmp_path / out), *flags])
-        return json.loads((tmp_path / out / "metrics.json").read_text())["curves"]
+    assert calls["bmnist"] == [{"dynamic": False}]
+    assert calls["kl_weights"] == [(1, 0), (2, 0)]
+    assert metrics["setting"] == {**vae.TEMPLATE, "hidden_dim": 500, "batch_size": 32, "lr": 1e-3}
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    weights = [name for name in saved["state"]["model"] if name.endswith("weight")]
+    assert weights == ["encoder.net.0.weight", "encoder.net.2.weight", "decoder.net.0.weight",
+                       "decoder.net.2.weight"]  # one hidden layer each
+    assert saved["state"]["optimizer"]["param_groups"][0]["lr"] == vae.LEARNING_RATE  # no decay
+    assert metrics["n_params"] == sum(p.numel() for p in vae.VAE(500, 2, 1).parameters())
+    assert vae.load_sampler(out / "checkpoint.pt")(3).shape == (3, 784)
 
-    uninterrupted = run("straight", "--epochs", "2")
-    after_one = run("resumed", "--epochs", "1")
-    with monkeypatch.context() as patch, pytest.raises(SystemExit, match="loss became nan"):
-        patch.setattr(vae, "kl_to_standard_normal", lambda mean, std: mean.sum(-1) * math.nan)
-        run("resumed", "--epochs", "2", "--resume")
-    saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
-    assert saved["curves"] == after_one  # the failed epoch left the last good checkpoint alone
 
-    resumed = run("resumed", "--epochs", "2", "--resume")
+def test_resume_after_a_nan_matches_an_uninterrupted_run(smoke, monkeypatch):
+    uninterrupted = run_main(smoke, smoke / "straight")
+    out = smoke / "resumed"
+    kl_weights = vae.kl_weights
+    with monkeypatch.context() as patch, pytest.raises(common.RunError, match="loss became nan"):
+        patch.setattr(vae, "kl_weights", lambda epoch, warmup: (math.nan,) * 2 if epoch == 2
+                      else kl_weights(epoch, warmup))
+        run_main(smoke, out)
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 1  # the failed epoch left the last good checkpoint alone
+    assert saved["curves"]["val_negative_elbo"] == uninterrupted["curves"]["val_negative_elbo"][:2]
+    assert not (out / "metrics.json").exists()
+
+    resumed = run_main(smoke, out, "--resume")
     for name in ("train_negative_elbo", "val_negative_elbo"):
-        assert resumed[name] == uninterrupted[name]  # RNG states come back with the checkpoint
-    assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
+        assert resumed["curves"][name] == uninterrupted["curves"][name]  # RNG states come back too
+    for key in ("validation", "test", "naive_mc", "evaluation"):
+        assert resumed[key] == uninterrupted[key]
+    assert "resumed from" in (out / "train.log").read_text()
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "-1"), ("--zdim", "0")])
+def test_a_corrupted_mnist_file_ends_in_one_line(smoke):
+    path = corrupt(smoke)
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(lambda: vae.main(argv(smoke, smoke / "out")))
+    assert_one_line_error(exit_info, str(path), "corrupted or truncated")
+
+
+def test_a_corrupted_mnist_file_on_the_real_command_line_prints_no_traceback(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"<html>404 Not Found</html>")
+    result = subprocess.run([sys.executable, "a3_vae_template.py", "--data_root", str(tmp_path),
+                             "--out", str(tmp_path / "out"), "--device", "cpu"], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "train-images-idx3-ubyte" in lines[0]
+    assert "is corrupted or truncated" in lines[0]
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "-1"), ("--zdim", "0"), ("--importance_samples", "0")])
 def test_bad_values_are_argparse_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         vae.parse_args([flag, value])
     assert exit_info.value.code == 2
-    assert "must be a positive integer" in capsys.readouterr().err
+    assert f"{flag}: must be a positive integer" in capsys.readouterr().err
 
 
-def test_bad_value_on_the_real_command_line_prints_no_traceback():
-    result = subprocess.run([sys.executable, "a3_vae_template.py", "--epochs", "-1"], cwd=ROOT,
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 2
-    assert "--epochs: must be a positive integer" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_defaults_and_removed_flags():
+    args = vae.parse_args([])
+    assert (args.epochs, args.zdim, args.importance_samples, args.out) == (40, 20, 500, "results/vae")
+    for removed in ("--hidden-dim", "--lr", "--batch-size", "--warmup-epochs"):
+        with pytest.raises(SystemExit):
+            vae.parse_args([removed, "1"])
