@@ -273,7 +273,7 @@ def save_loss_plot(curves, stem, r1_gamma=0.0):
     for ax in (ax_loss, ax_d):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below the axes, off the curves
     common.save_figure(fig, stem)
 
 
