@@ -324,11 +324,13 @@ def save_manifold(model, stem, steps=20):
     grid = common.image_grid(model.decoder(z).cpu().reshape(-1, 1, 28, 28), nrow=steps, padding=0)
     fig, ax = plt.subplots(figsize=(4.2, 4.2), layout="constrained")
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, extent=(0, steps, 0, steps), interpolation="nearest")
-    ticks = np.array([0, steps // 4, steps // 2 - 1, steps // 2, steps - 1 - steps // 4, steps - 1])
-    labels = [f"{v:+.2f}" for v in values[ticks]]  # pairs i, steps-1-i: symmetric about 0
-    ax.set_xticks(ticks + 0.5, labels)
-    ax.set_yticks(ticks + 0.5, labels)
-    ax.set_xlabel("$z_1$ (centre of its equal-mass cell)")
+    # Cell centres symmetric about 0, plus z = 0 itself, the boundary between the two middle cells.
+    outer = np.array([0, steps // 4])
+    positions = [*(outer + 0.5), steps / 2, *(steps - 0.5 - outer[::-1])]
+    labels = [*(f"{v:.2f}" for v in values[outer]), "0", *(f"+{v:.2f}" for v in -values[outer[::-1]])]
+    ax.set_xticks(positions, labels)
+    ax.set_yticks(positions, labels)
+    ax.set_xlabel("$z_1$")
     ax.set_ylabel("$z_2$")
     common.save_figure(fig, stem)
 
