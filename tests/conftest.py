@@ -131,3 +131,20 @@ def same_metrics(first, second):
     ignore = {"finished"}
     assert {k: v for k, v in first.items() if k not in ignore} == \
         {k: v for k, v in second.items() if k not in ignore}
+
+
+def assert_resume_keeps_the_run(resume, out, metrics, capsys):
+    """--resume of a finished run (``resume()`` runs it and returns its metrics) trains nothing: the
+    checkpoint stays byte for byte the same, and the redrawn metrics equal ``metrics``."""
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    same_metrics(resume(), metrics)
+    assert "resumed from" in capsys.readouterr().out
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def assert_refused_in_one_line(main, *fragments):
+    """``common.cli(main)`` stops with one ``error:`` line holding ``fragments``."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(main)
+    return assert_one_line_error(exit_info, *fragments)

@@ -9,7 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, corrupt, needs_amx, same_metrics
+from conftest import (
+    assert_one_line_error,
+    assert_refused_in_one_line,
+    assert_resume_keeps_the_run,
+    corrupt,
+    needs_amx,
+)
 from PIL import Image
 from torch import nn
 
@@ -640,16 +646,12 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     average.load_state_dict(saved["state"]["generator_average"])
     torch.testing.assert_close(gan.load_sampler(out / "checkpoint.pt")(8), gan.sample_images(average, 8))
 
-    checkpoint = (out / "checkpoint.pt").read_bytes()
-    capsys.readouterr()
-    same_metrics(run_main(smoke, out, "--n_epochs", "3", "--batch_size", "32", "--resume"), metrics)
-    assert "resumed from" in capsys.readouterr().out
-    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    resume = ("--n_epochs", "3", "--batch_size", "32", "--resume")
+    assert_resume_keeps_the_run(lambda: run_main(smoke, out, *resume), out, metrics, capsys)
     assert len(list((out / "intervals").iterdir())) == 6
 
-    with pytest.raises(SystemExit) as exit_info:
-        common.cli(lambda: gan.main(argv(smoke, out, "--n_epochs", "3", "--resume")))
-    assert_one_line_error(exit_info, "--batch_size 32 (asked: None)")
+    assert_refused_in_one_line(lambda: gan.main(argv(smoke, out, "--n_epochs", "3", "--resume")),
+                               "--batch_size 32 (asked: None)")
 
 
 def test_template_flag_trains_the_templates_way(smoke, monkeypatch):

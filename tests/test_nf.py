@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, corrupt, needs_amx, record_precision, same_metrics
+from conftest import (
+    assert_one_line_error,
+    assert_refused_in_one_line,
+    assert_resume_keeps_the_run,
+    corrupt,
+    needs_amx,
+    record_precision,
+)
 from PIL import Image
 from scipy import stats
 from scipy.special import expit, logit
@@ -556,15 +563,9 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     assert sampled.shape == (20, 784) and torch.equal(sampled * 255, (sampled * 255).round())
     assert torch.equal(sampled, nf.sample_images(model, 20))
 
-    checkpoint = (out / "checkpoint.pt").read_bytes()
-    capsys.readouterr()
-    same_metrics(run_main(smoke, out, "--resume"), metrics)
-    assert "resumed from" in capsys.readouterr().out
-    assert (out / "checkpoint.pt").read_bytes() == checkpoint
-
-    with pytest.raises(SystemExit) as exit_info:
-        common.cli(lambda: nf.main(argv(smoke, out, "--resume", "--epochs", "3")))
-    assert_one_line_error(exit_info, "--epochs 2 (asked: 3)")
+    assert_resume_keeps_the_run(lambda: run_main(smoke, out, "--resume"), out, metrics, capsys)
+    assert_refused_in_one_line(lambda: nf.main(argv(smoke, out, "--resume", "--epochs", "3")),
+                               "--epochs 2 (asked: 3)")
 
 
 def test_resume_after_a_nan_matches_an_uninterrupted_run(smoke, monkeypatch):

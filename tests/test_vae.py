@@ -10,7 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, corrupt, needs_amx, record_precision, same_metrics
+from conftest import (
+    REPO,
+    assert_one_line_error,
+    assert_refused_in_one_line,
+    assert_resume_keeps_the_run,
+    corrupt,
+    needs_amx,
+    record_precision,
+)
 from scipy import integrate
 from scipy.special import logsumexp
 
@@ -364,16 +372,11 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     assert images.shape == (6, vae.IMAGE_DIM) and images.min() >= 0 and images.max() <= 1
 
     # --resume of the finished run trains nothing and rewrites the same numbers.
-    checkpoint = (out / "checkpoint.pt").read_bytes()
-    capsys.readouterr()
-    same_metrics(run_main(smoke, out, "--resume"), metrics)
-    assert "resumed from" in capsys.readouterr().out
-    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    assert_resume_keeps_the_run(lambda: run_main(smoke, out, "--resume"), out, metrics, capsys)
 
     # Resuming with other flags is refused, in one line that names the flag.
-    with pytest.raises(SystemExit) as exit_info:
-        common.cli(lambda: vae.main(argv(smoke, out, "--resume", "--zdim", "3")))
-    assert_one_line_error(exit_info, "--zdim 2 (asked: 3)")
+    assert_refused_in_one_line(lambda: vae.main(argv(smoke, out, "--resume", "--zdim", "3")),
+                               "--zdim 2 (asked: 3)")
 
 
 def test_template_flag_trains_the_templates_model_the_templates_way(smoke, monkeypatch):
