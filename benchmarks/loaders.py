@@ -1,6 +1,6 @@
 """Images/s of our in-memory loaders against the course template's per-sample torchvision pipeline.
 
-    python benchmarks/loaders.py [--data-root ./data/] [--seconds 5] [--batch-size 128]
+    python benchmarks/loaders.py [--data_root ./data/] [--seconds 5] [--batch_size 128]
 
 Each loader is iterated, whole epochs one after another, until ``--seconds`` have passed; the time
 to build it (reading and verifying the files) is reported separately. The template's way is
@@ -29,24 +29,30 @@ def flatten_bytes(image):
     return (image * 255).flatten()
 
 
-def template_loader(root, batch_size, num_workers):
+def torchvision_loader(root, steps, batch_size, num_workers, n_images=None):
+    """The templates' pipeline: torchvision's MNIST training images (all, or the first ``n_images``)
+    through the per-sample transforms ``steps``, behind a shuffling DataLoader."""
     import torchvision
     from torchvision import transforms
 
-    transform = transforms.Compose([
-        transforms.Pad(1, padding_mode="edge"),
-        transforms.RandomAffine(0, translate=(0.05, 0.05)),
-        transforms.CenterCrop(28),
-        transforms.ToTensor(),
-        flatten_bytes,
-    ])
-    dataset = torchvision.datasets.MNIST(root, train=True, transform=transform, download=False)
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(N_TRAIN)),
-                                       batch_size=batch_size, shuffle=True, num_workers=num_workers)
+    dataset = torchvision.datasets.MNIST(root, train=True, transform=transforms.Compose(steps),
+                                         download=False)
+    if n_images is not None:
+        dataset = torch.utils.data.Subset(dataset, range(n_images))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers)
+
+
+def template_loader(root, batch_size, num_workers):
+    """The flow template's loader: edge-pad, random translation, centre-crop, 0..255, flattened."""
+    from torchvision import transforms
+
+    steps = [transforms.Pad(1, padding_mode="edge"), transforms.RandomAffine(0, translate=(0.05, 0.05)),
+             transforms.CenterCrop(28), transforms.ToTensor(), flatten_bytes]
+    return torchvision_loader(root, steps, batch_size, num_workers, N_TRAIN)
 
 
 def template_with_workers(root, batch_size):
-    """Two workers as the template intends; one process where workers cannot start here."""
+    """Two workers as the template intends; one process where worker processes cannot start."""
     try:
         loader = template_loader(root, batch_size, num_workers=2)
         next(iter(loader))
@@ -71,11 +77,11 @@ def images_per_second(loader, seconds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=common.existing_dir, default=common.DEFAULT_DATA_ROOT,
+    parser.add_argument("--data_root", type=common.existing_dir, default=common.DEFAULT_DATA_ROOT,
                         help="folder holding MNIST/raw")
     parser.add_argument("--seconds", type=common.positive_float, default=5.0,
                         help="how long to iterate each loader")
-    parser.add_argument("--batch-size", type=common.positive_int, default=128)
+    parser.add_argument("--batch_size", type=common.positive_int, default=128)
     args = parser.parse_args()
     root, batch = args.data_root, args.batch_size
     common.seed_everything(0)

@@ -6,7 +6,7 @@ Each way trains for a fixed number of steps, timed end to end with data loading 
 in rounds that alternate the ways (a machine's speed drifts over minutes); each way reports its
 median images/s, and ours its ratio to the template's.
 
-- The template's way: torchvision's MNIST (<data-root>/MNIST/raw) with per-sample transforms behind a
+- The template's way: torchvision's MNIST (<data_root>/MNIST/raw) with per-sample transforms behind a
   shuffling DataLoader with 2 worker processes (VAE: ToTensor and a Bernoulli draw, standing in for
   the template's per-sample read of its binarized images; GAN: ToTensor and Normalize; flow:
   ``loaders.template_loader``), plain Adam, fp32, ``loss.item()`` every batch, and the template's
@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 from torchvision import transforms
 
 # Run as a script from anywhere: the project's packages live one folder up.
@@ -53,7 +52,7 @@ import a3_gan_template as gan  # noqa: E402
 import a3_nf_template as nf  # noqa: E402
 import a3_vae_template as vae  # noqa: E402
 import common  # noqa: E402
-from benchmarks.loaders import template_loader  # noqa: E402
+from benchmarks.loaders import template_loader, torchvision_loader  # noqa: E402
 from datasets import bmnist, mnist  # noqa: E402
 
 STEPS = {"vae": 200, "gan": 160, "nf": 20}  # timed steps per round: 30-60 s per model on two cores
@@ -98,13 +97,6 @@ class Batches:
             yield batch
 
 
-def torchvision_loader(root, steps, batch_size, n_images=None):
-    dataset = torchvision.datasets.MNIST(root, train=True, transform=transforms.Compose(steps))
-    if n_images is not None:
-        dataset = torch.utils.data.Subset(dataset, range(n_images))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=WORKERS)
-
-
 def template_loop(step):
     """The template's loop: ``step(images)`` per batch, each loss it returns read back by ``.item()``."""
     def train(batches):
@@ -125,7 +117,7 @@ def vae_ways(root):
     """((batch size, loader, train(batches)) of the template's way, the same of ours)."""
     model = vae.VAE(hidden_layers=vae.TEMPLATE["hidden_layers"])
     optimizer = torch.optim.Adam(model.parameters(), lr=vae.LEARNING_RATE)
-    loader = torchvision_loader(root, [transforms.ToTensor(), torch.bernoulli], vae.BATCH_SIZE,
+    loader = torchvision_loader(root, [transforms.ToTensor(), torch.bernoulli], vae.BATCH_SIZE, WORKERS,
                                 bmnist.N_TRAIN)
     ours = vae.VAE(hidden_layers=vae.OURS["hidden_layers"])
     ours_optimizer = torch.optim.Adam(ours.parameters(), lr=vae.LEARNING_RATE, fused=True)
@@ -151,7 +143,8 @@ def gan_ways(root):
         return [loss_g, adam_step(opt_d, gan.discriminator_loss(d.logits(real), d.logits(fake.detach())))]
 
     batch, s = gan.TEMPLATE["batch_size"], gan.OURS
-    loader = torchvision_loader(root, [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))], batch)
+    loader = torchvision_loader(root, [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))], batch,
+                                WORKERS)
     og, od, ours_g, ours_d = gan_networks(s, fused=True)
     average = copy.deepcopy(og)  # the weight average main() keeps
     train = lambda b: gan.train(b, od, og, ours_g, ours_d, average=average, ema_decay=s["ema_decay"],
