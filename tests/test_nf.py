@@ -33,8 +33,8 @@ class SmallCoupling(COUPLING):
     """The script's coupling with a narrow network, so whole models are cheap to train and to
     differentiate; everything else (mask, tanh, zero init) is the script's own code."""
 
-    def __init__(self, c_in, mask):
-        super().__init__(c_in, mask, n_hidden=16)
+    def __init__(self, c_in, mask, conv_net=None):
+        super().__init__(c_in, mask, n_hidden=16, conv_net=conv_net)
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def perturb(module, seed=0, std=0.05):
     with torch.no_grad():
         for coupling in module.modules():
             if isinstance(coupling, COUPLING):
-                last = coupling.nn[-1]
+                last = coupling.nn.output if isinstance(coupling.nn, nf.ConvNet) else coupling.nn[-1]
                 last.weight.copy_(torch.randn(last.weight.shape, generator=generator) * std)
                 last.bias.copy_(torch.randn(last.bias.shape, generator=generator) * std)
     return module
@@ -135,8 +135,13 @@ def round_trip_errors(module, z):
             forward, ldj_forward)
 
 
-@pytest.mark.parametrize("build", [lambda: nf.Coupling(c_in=784, mask=nf.get_mask()),
-                                   lambda: nf.Flow([784], n_flows=2)], ids=["coupling", "flow"])
+BUILDS = {"coupling": lambda: nf.Coupling(c_in=784, mask=nf.get_mask()),
+          "flow": lambda: nf.Flow([784], n_flows=2),
+          "conv coupling": lambda: nf.Coupling(c_in=784, mask=nf.get_mask(), conv_net=nf.ConvNet()),
+          "conv flow": lambda: nf.Flow([784], n_flows=2, conv_net=nf.ConvNet)}
+
+
+@pytest.mark.parametrize("build", BUILDS.values(), ids=BUILDS.keys())
 @pytest.mark.parametrize("perturbed", [False, True], ids=["identity", "perturbed"])
 def test_reverse_undoes_forward(build, perturbed):
     torch.manual_seed(0)
@@ -181,9 +186,10 @@ def test_logit_normalize_round_trip_on_dequantized_data():
 
 # ---------------------------------------------------------------- exact log-likelihoods
 
-def test_log_determinant_matches_the_full_jacobian(small_couplings):
+@pytest.mark.parametrize("coupling", ["mlp", "conv"])
+def test_log_determinant_matches_the_full_jacobian(small_couplings, coupling):
     torch.manual_seed(0)
-    model = perturb(nf.Model([784]), std=0.2).double()
+    model = perturb(nf.Model([784], coupling=coupling), std=0.2).double()
     pixels = pixel_images(3, seed=2).double()
     noise_seed = 5
 
@@ -252,8 +258,13 @@ def test_sampling_gives_finite_images_in_the_pixel_range():
     assert (perturbed - samples).abs().mean() > 1
 
 
-@pytest.mark.parametrize("build", [lambda: nf.Coupling(c_in=784, mask=nf.get_mask()),
-                                   lambda: nf.Flow([784], n_flows=2)], ids=["coupling", "flow"])
+BUILDS = {"coupling": lambda: nf.Coupling(c_in=784, mask=nf.get_mask()),
+          "flow": lambda: nf.Flow([784], n_flows=2),
+          "conv coupling": lambda: nf.Coupling(c_in=784, mask=nf.get_mask(), conv_net=nf.ConvNet()),
+          "conv flow": lambda: nf.Flow([784], n_flows=2, conv_net=nf.ConvNet)}
+
+
+@pytest.mark.parametrize("build", BUILDS.values(), ids=BUILDS.keys())
 def test_the_courses_unit_test_contract(build):
     """The course's check: forward, then reverse with the forward's log-determinant, gives the input
     back and a log-determinant of zero (here on a flow far from the identity)."""
@@ -266,6 +277,98 @@ def test_the_courses_unit_test_contract(build):
     assert ldj.abs().max() > 1.0 and (z - x).abs().mean() > 0.05  # not a trivial round trip
     torch.testing.assert_close(x_back, x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ldj_back, torch.zeros(8), rtol=0, atol=1e-4)
+
+
+def test_conv_coupling_network_sees_the_masked_image_and_the_mask_and_starts_as_the_identity():
+    coupling = nf.Coupling(c_in=784, mask=nf.get_mask(), conv_net=nf.ConvNet())
+    assert coupling.nn.input.in_channels == 4 * 2  # masked image and mask, squeezed 2x2
+    assert not coupling.nn.output.weight.any() and not coupling.nn.output.bias.any()
+    z = torch.randn(8, 784)
+    out, ldj = coupling(z, torch.zeros(8))
+    assert torch.equal(out, z) and torch.equal(ldj, torch.zeros(8))
+    # Perturbed, the scale and translation depend only on the masked pixels.
+    perturb(coupling, std=0.2)
+    masked_out = coupling.scale_and_translation(z)
+    changed = z + 5 * (1 - coupling.mask) * torch.randn(8, 784)
+    for ours, theirs in zip(masked_out, coupling.scale_and_translation(changed), strict=True):
+        torch.testing.assert_close(ours, theirs)
+        assert ours.abs().max() > 0.05
+
+
+def test_conv_flow_has_under_one_percent_of_the_template_flows_parameters():
+    n_params = [sum(p.numel() for p in nf.Model([784], coupling=coupling, dequantization=dequantization)
+                    .parameters()) for coupling, dequantization in
+                [("mlp", "uniform"), ("conv", "uniform"), ("conv", "variational")]]
+    assert n_params[0] > 27e6
+    assert n_params[1] < n_params[2] < 0.01 * n_params[0]
+
+
+def perturbed_dequantizer(seed=0):
+    torch.manual_seed(seed)
+    return perturb(nf.VariationalDequantization(), seed=seed, std=0.2)
+
+
+def test_variational_dequantization_log_density_matches_its_jacobian():
+    """log q(u | x) = log Logistic(e) - log |det du/de|, with du/de from autograd (float64), for the
+    logistic draw e the dequantizer makes from its generator."""
+    dequantizer = perturbed_dequantizer().double()
+    pixels = pixel_images(2, seed=4).double()
+    context = (pixels / 255).view(-1, 1, 28, 28)
+    with torch.no_grad():
+        noise, log_q = dequantizer(pixels, torch.Generator().manual_seed(9))
+    uniform = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(9)).double().clamp(min=1e-7)
+    e = torch.log(uniform) - torch.log1p(-uniform)
+    assert noise.min() > 0 and noise.max() < 1
+    for i in range(len(pixels)):
+        def to_noise(ei, i=i):
+            g, _ = dequantizer.flow(ei[None], torch.zeros(1, dtype=ei.dtype), context=context[i:i + 1])
+            return torch.sigmoid(g)[0]
+        torch.testing.assert_close(to_noise(e[i]), noise[i])
+        jacobian = torch.autograd.functional.jacobian(to_noise, e[i], vectorize=True)
+        sign, log_abs_det = torch.linalg.slogdet(jacobian)
+        assert sign > 0
+        expected = stats.logistic.logpdf(e[i].numpy()).sum() - log_abs_det.item()
+        assert log_q[i].item() == pytest.approx(expected, rel=1e-9)
+        assert abs(log_q[i].item()) > 1  # q is not the uniform density
+
+
+def test_untrained_variational_dequantization_is_the_uniform_one():
+    """The zero-initialised dequantizer draws u ~ U(0, 1) with log q = 0, so the variational bound
+    equals the uniform bits/dim on the same flow and noise seed; trained (perturbed) it differs."""
+    torch.manual_seed(0)
+    variational = nf.Model([784], coupling="conv", dequantization="variational")
+    perturb(variational.flow, std=0.1)
+    uniform = nf.Model([784], coupling="conv")
+    uniform.flow.load_state_dict(variational.flow.state_dict())
+    pixels = pixel_images(4, seed=5)
+    with torch.no_grad():
+        noise, log_q = variational.dequantizer(pixels, torch.Generator().manual_seed(3))
+        expected = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(noise, expected, rtol=0, atol=1e-6)
+        assert not log_q.any()
+        bound = variational(pixels, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(bound, uniform(pixels, generator=torch.Generator().manual_seed(3)))
+        perturb(variational.dequantizer, std=0.2)
+        trained = variational(pixels, generator=torch.Generator().manual_seed(3))
+    assert (trained - bound).abs().min() > 1
+
+
+@pytest.mark.parametrize("dequantization", ["uniform", "variational"])
+def test_importance_weighted_bpd_with_one_sample_is_the_bounds_and_more_samples_tighten_it(dequantization):
+    torch.manual_seed(0)
+    model = perturb(nf.Model([784], coupling="conv", dequantization=dequantization), std=0.1).eval()
+    loader = TensorLoader(pixel_images(6, seed=7), torch.zeros(6), batch_size=3)
+    bound = nf.epoch_iter(model, loader, None)
+    assert nf.importance_weighted_bpd(model, loader, samples=1) == pytest.approx(bound, rel=1e-7)
+    # S = 4 draws: -log mean exp of the draws' log-likelihoods, below their average (Jensen).
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        draws = [torch.stack([model(imgs, generator=generator) for _ in range(4)]) for imgs, _ in loader]
+    log_w = torch.cat(draws, dim=1)
+    expected = nf.bits_per_dim(torch.logsumexp(log_w, 0) - math.log(4)).mean().item()
+    estimate = nf.importance_weighted_bpd(model, loader, samples=4)
+    assert estimate == pytest.approx(expected, rel=1e-7)
+    assert estimate < nf.bits_per_dim(log_w).mean().item() - 1e-4
 
 
 # ---------------------------------------------------------------- learning rate
