@@ -306,8 +306,9 @@ def main(argv=None):
     test_bpd = epoch_iter(model, testdata, None)
     run.log(f"test: {test_bpd:.4f} bits/dim")
     images = sample_images(model, EVALUATION_SAMPLES)
-    run.finish(model, setting=setting, test={"bpd": test_bpd},
-               evaluation=evaluation.evaluate_samples(images, root=run.data_root, device=run.device))
+    run.finish(model, weights={"model": model}, setting=setting, test={"bpd": test_bpd},
+               evaluation=evaluation.evaluate_samples(images, root=run.data_root, device=run.device,
+                                                      out=run.out))
 
 
 if __name__ == "__main__":
