@@ -529,10 +529,10 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     out = smoke / "nf"
     metrics = run_main(smoke, out, "--resume")
 
-    stems = ["bpd", "samples_start", "samples_halfway", "samples_end"]
+    stems = ["bpd", "samples_start", "samples_halfway", "samples_end", "memorisation"]
     expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
     assert {p.name for p in out.iterdir()} == expected | {"epochs", "metrics.json", "checkpoint.pt",
-                                                          "train.log"}
+                                                          "weights.pt", "train.log"}
     assert {p.name for p in (out / "epochs").iterdir()} == {"epoch_01.png", "epoch_02.png"}
     assert Image.open(out / "epochs" / "epoch_02.png").size == (8 * 30 + 2, 8 * 30 + 2)
 
