@@ -362,11 +362,12 @@ def main(argv=None):
 
     common.save_image_grid(generate(sampler, fixed_z), run.out / "samples_end", nrow=5)
     save_loss_plot(run.curves, run.out / "losses", setting["r1_gamma"])
-    classifier = load_classifier(run.data_root, run.device)
+    classifier = load_classifier(run.device)
     final = evaluation.evaluate_samples(sample_images(sampler, 10_000), root=run.data_root,
-                                        device=run.device, classifier=classifier)
+                                        device=run.device, classifier=classifier, out=run.out)
     run.log(f"test: FID {final['fid']:.2f}, score {final['score']:.2f}, Parzen {final['parzen_ll']:.1f}")
     run.finish(nn.ModuleList([generator, discriminator]), setting=setting,
+               weights={"generator_average" if average else "generator": sampler, "fixed_z": fixed_z},
                n_params_generator=sum(p.numel() for p in generator.parameters()),
                interpolation_digits=save_interpolations(sampler, classifier, run.out),
                progress=evaluate_progress(sampler, snapshots, classifier, run), evaluation=final)

@@ -186,7 +186,7 @@ class VariationalDequantization(nn.Module):
 
     def forward(self, x, generator=None):
         """Noise u [B, 784] in (0, 1) for pixels x [B, 784] in 0..255, and log q(u | x) [B]."""
-        uniform = torch.rand(x.shape, device=x.device, generator=generator).clamp(min=1e-7)
+        uniform = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator).clamp(min=1e-7)
         e = torch.log(uniform) - torch.log1p(-uniform)  # a logistic draw, by inverting its CDF
         g, log_det = self.flow(e, x.new_zeros(len(x)), context=(x / 255).view(-1, 1, 28, 28))
         log_q = (log_logistic(e) - log_logistic(g)).sum(dim=1) - log_det
@@ -254,7 +254,7 @@ def bits_per_dim(log_px):
 
 
 @torch.no_grad()
-def importance_weighted_bpd(model, data, samples=NOISE_SAMPLES):
+def importance_weighted_bpd(model, data, samples):
     """Bits/dim of the importance-weighted estimate over the dequantization noise, averaged over
     ``data``: -log2 (1/S) sum_s p(x + u_s) / q(u_s | x) / 784 with S = ``samples`` draws u_s ~ q
     (uniform: q = 1). A tighter bound on the discrete log P(x) than the one-sample bound, which it is
@@ -367,6 +367,26 @@ def load_sampler(checkpoint_path, device="cpu"):
     return lambda n, seed=0: sample_images(model, n, seed)
 
 
+# ---------------------------------------------------------------- evaluation
+
+def evaluate(model, test_data, run):
+    """The test bits/dim, of the one-sample bound and importance-weighted over the noise, and the
+    sample measures of ``evaluation``. Rebuilt from weights (``--from_weights``), the test bits/dim,
+    minutes of CPU, keep the run's values; the samples are seeded, so they come out the same."""
+    model.eval()
+    results = {}
+    if not run.from_weights:
+        test = {"bpd": epoch_iter(model, test_data, None), "noise_samples": NOISE_SAMPLES,
+                "bpd_importance_weighted": importance_weighted_bpd(model, test_data, NOISE_SAMPLES)}
+        run.log(f"test: {test['bpd']:.4f} bits/dim, {test['bpd_importance_weighted']:.4f} importance-"
+                f"weighted over {NOISE_SAMPLES} noise draws")
+        results["test"] = test
+    images = sample_images(model, EVALUATION_SAMPLES)
+    results["evaluation"] = evaluation.evaluate_samples(images, root=run.data_root, device=run.device,
+                                                        out=run.out)
+    return results
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -408,14 +428,7 @@ def main(argv=None):
 
     save_samples(model, run.out / "samples_end")
     save_bpd_plot(run.curves["train_bpd"], run.curves["val_bpd"], run.out / "bpd")
-    model.eval()
-    test = {"bpd": epoch_iter(model, testdata, None), "noise_samples": NOISE_SAMPLES,
-            "bpd_importance_weighted": importance_weighted_bpd(model, testdata)}
-    run.log(f"test: {test['bpd']:.4f} bits/dim, {test['bpd_importance_weighted']:.4f} importance-weighted "
-            f"over {NOISE_SAMPLES} noise draws")
-    images = sample_images(model, EVALUATION_SAMPLES)
-    run.finish(model, setting=setting, test=test,
-               evaluation=evaluation.evaluate_samples(images, root=run.data_root, device=run.device))
+    run.finish(model, weights={"model": model}, setting=setting, **evaluate(model, testdata, run))
 
 
 if __name__ == "__main__":

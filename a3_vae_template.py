@@ -503,11 +503,13 @@ def evaluate(model, val_data, test_data, args, run):
     """The validation and test negative ELBO and importance-sampled negative log-likelihood (the
     validation numbers are the ones to choose settings by), the naive Monte-Carlo study of question
     1.4 and the sample measures of ``evaluation``. All noise is seeded: rerunning on the same
-    checkpoint gives the same numbers."""
+    checkpoint gives the same numbers. Rebuilt from weights (``--from_weights``), the importance-
+    sampled bounds, minutes of CPU, keep the run's values; the study and the samples draw from
+    generators of their own, so they come out the same either way."""
     model.eval()
     noise = torch.Generator(run.device).manual_seed(args.seed)
     results = {}
-    for split, data in (("validation", val_data), ("test", test_data)):
+    for split, data in () if run.from_weights else (("validation", val_data), ("test", test_data)):
         negative_elbo, nll = importance_bounds(model, data, args.importance_samples, noise)
         results[split] = {"negative_elbo": negative_elbo, "nll_importance": nll,
                           "importance_samples": args.importance_samples}
@@ -515,9 +517,11 @@ def evaluate(model, val_data, test_data, args, run):
                 f"(importance sampling, K = {args.importance_samples})")
     first_images = next(iter(test_data))[:NAIVE_MC_IMAGES].to(run.device)
     results["naive_mc"] = naive_mc_study(model, first_images, NAIVE_MC_SAMPLE_COUNTS, NAIVE_MC_REPEATS,
-                                         noise)
-    images = model.sample(EVALUATION_SAMPLES, generator=noise)[1].cpu()
-    results["evaluation"] = evaluation.evaluate_samples(images, root=run.data_root, device=run.device)
+                                         torch.Generator(run.device).manual_seed(args.seed + 1))
+    sample_noise = torch.Generator(run.device).manual_seed(args.seed + 2)
+    images = model.sample(EVALUATION_SAMPLES, generator=sample_noise)[1].cpu()
+    results["evaluation"] = evaluation.evaluate_samples(images, root=run.data_root, device=run.device,
+                                                        out=run.out)
     return results
 
 
@@ -588,8 +592,8 @@ def main(argv=None):
     save_sample_grids(samples, run.out)
     if args.zdim == 2:
         save_manifold(model, run.out / "manifold")
-    run.finish(model, setting={**setting, "hidden_dim": HIDDEN_DIM, "batch_size": BATCH_SIZE,
-                               "lr": LEARNING_RATE},
+    run.finish(model, weights={"model": model, "samples": samples},
+               setting={**setting, "hidden_dim": HIDDEN_DIM, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE},
                data=splits.source, **evaluate(model, val_data, test_data, args, run))
 
 

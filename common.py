@@ -2,12 +2,16 @@
 
 ``Run`` is the harness of one training run: it seeds everything, picks the device and the training
 precision, keeps ``<out>/train.log``, writes one checkpoint dict after every epoch, resumes from it,
-and writes ``<out>/metrics.json`` at the end. ``cli`` runs a script's ``main`` and turns the errors a
-user can cause into one line. The rest draws the figures (PNG + PDF) the scripts share.
+and writes ``<out>/metrics.json`` and the sampling weights ``<out>/weights.pt`` at the end; with
+``--from_weights`` it rebuilds a run's figures and measures from those weights without training.
+``cli`` runs a script's ``main`` and turns the errors a user can cause into one line. The rest
+draws the figures (PNG + PDF) the scripts share.
 """
 
 import argparse
 import contextlib
+import hashlib
+import io
 import json
 import os
 import platform
@@ -73,6 +77,9 @@ def add_run_args(parser, out):
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>/checkpoint.pt; on a finished run, redraw figures "
                              "and metrics")
+    parser.add_argument("--from_weights", action="store_true",
+                        help="train nothing: load <out>/weights.pt (checked against the SHA-256 in "
+                             "<out>/metrics.json) and redraw the figures and sample measures")
     parser.add_argument("--seed", type=int, default=42, help="seed of every random number generator")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto picks CUDA, then MPS, then the CPU")
@@ -178,6 +185,44 @@ def git_commit():
     return commit + ("-dirty" if dirty else "")
 
 
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# Weights files up to this size are committed with the run (git keeps them comfortably); larger ones
+# (the flow's 110 MB) are not written, and only a checkpoint or retraining brings such a run back.
+WEIGHTS_LIMIT = 10 * 2**20
+
+
+def save_weights(path, entries):
+    """Write ``entries`` {name: module or tensors} as a weights-only file (modules as their
+    state_dicts, so ``torch.load(weights_only=True)`` reads it); returns its SHA-256, or None, and
+    no file, when it would exceed WEIGHTS_LIMIT."""
+    buffer = io.BytesIO()
+    torch.save({name: obj.state_dict() if hasattr(obj, "state_dict") else obj
+                for name, obj in entries.items()}, buffer)
+    data = buffer.getvalue()
+    if len(data) > WEIGHTS_LIMIT:
+        Path(path).unlink(missing_ok=True)
+        return None
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return sha256(data)
+
+
+def load_verified(path, expected_sha256, device="cpu"):
+    """``torch.load(path, weights_only=True)`` once the file's SHA-256 is ``expected_sha256``; a missing,
+    corrupted or other file is a RunError saying so."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise RunError(f"{path} does not exist") from None
+    if sha256(data) != expected_sha256:
+        raise RunError(f"{path} has SHA-256 {sha256(data)[:16]}..., not the {str(expected_sha256)[:16]}... "
+                       "recorded for it: the file is corrupted or from another run (restore it with git "
+                       "checkout, or retrain)")
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
 def load_checkpoint(path, device="cpu"):
     """The checkpoint dict that ``Run.save`` wrote, or a RunError naming what is wrong with the file."""
     try:
@@ -195,7 +240,7 @@ def load_checkpoint(path, device="cpu"):
 # ---------------------------------------------------------------- the run harness
 
 # Flags that do not change what a run computes: a resumed run may differ from the first in these.
-_RESUMABLE_FLAGS = ("out", "resume", "device", "data_root")
+_RESUMABLE_FLAGS = ("out", "resume", "from_weights", "device", "data_root")
 
 
 class Run:
@@ -210,10 +255,16 @@ class Run:
                 ...                           # one epoch of training
             run.record(loss=...)              # appends to the curves, logs one line
             run.save(model=..., ...)          # one checkpoint dict, every epoch
-        run.finish(test=...)                  # metrics.json
+        run.finish(model, weights={...}, test=...)  # metrics.json and weights.pt
 
     The checkpoint holds the state_dicts given to ``save``, the curves, the wall time, the RNG
     states and the flags; a checkpoint written with other flags is refused.
+
+    With ``--from_weights`` the same ``main`` rebuilds a finished run without training:
+    ``restore`` loads the modules (and returns the other entries) of ``<out>/weights.pt``, verified
+    against the SHA-256 that ``<out>/metrics.json`` records, and takes the epochs, curves and wall
+    time from metrics.json, so the epoch loop is empty and ``main`` goes straight to its figures and
+    evaluation; ``finish`` then updates metrics.json with what was measured again.
     """
 
     def __init__(self, args):
@@ -230,8 +281,11 @@ class Run:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out / "checkpoint.pt"
-        self.resuming = args.resume and self.checkpoint_path.exists()
-        if not self.resuming:
+        self.weights_path = self.out / "weights.pt"
+        self.from_weights = args.from_weights
+        self.resuming = args.resume and self.checkpoint_path.exists() and not self.from_weights
+        self.recorded = self._recorded_metrics() if self.from_weights else None
+        if not (self.resuming or self.from_weights):
             (self.out / "train.log").unlink(missing_ok=True)
         self.epoch = 0
         self.curves = {}
@@ -252,19 +306,38 @@ class Run:
         with open(self.out / "train.log", "a") as f:
             f.write(message + "\n")
 
-    def restore(self, **stateful):
-        """When resuming, load each module/optimizer of ``stateful`` from the checkpoint, and the
-        curves, wall time and RNG states; returns the extra values ``save`` stored ({} otherwise)."""
-        if not self.resuming:
-            return {}
-        payload = load_checkpoint(self.checkpoint_path, self.device)
-        saved = {k: v for k, v in payload["args"].items() if k not in _RESUMABLE_FLAGS}
+    def _recorded_metrics(self):
+        path = self.out / "metrics.json"
+        if not path.exists():
+            raise RunError(f"--from_weights needs the metrics.json of a finished run in {self.out}")
+        recorded = json.loads(path.read_text())
+        if not recorded.get("weights_sha256"):
+            raise RunError(f"{path} records no weights: this run's weights were not saved (over "
+                           f"{WEIGHTS_LIMIT // 2**20} MB, or written before weights were); rebuild it "
+                           "from its checkpoint with --resume, or retrain")
+        self._check_flags(recorded["args"], path)
+        return recorded
+
+    def _check_flags(self, saved, path):
+        """A RunError naming the flags in which ``saved`` (a run's recorded flags) differ from ours."""
+        saved = {k: v for k, v in saved.items() if k not in _RESUMABLE_FLAGS}
         asked = {k: v for k, v in vars(self.args).items() if k not in _RESUMABLE_FLAGS}
         if saved != asked:
             differ = ", ".join(f"--{k} {saved.get(k)} (asked: {asked.get(k)})"
                                for k in sorted(saved.keys() | asked.keys()) if saved.get(k) != asked.get(k))
-            raise RunError(f"{self.checkpoint_path} was trained with {differ}: rerun with its flags, or "
-                           "choose another --out")
+            raise RunError(f"{path} was trained with {differ}: rerun with its flags, or choose another --out")
+
+    def restore(self, **stateful):
+        """When resuming, load each module/optimizer of ``stateful`` from the checkpoint, and the
+        curves, wall time and RNG states; returns the extra values ``save`` stored ({} otherwise).
+        With --from_weights, load those of ``stateful`` that weights.pt holds and return its other
+        entries."""
+        if self.from_weights:
+            return self._restore_weights(stateful)
+        if not self.resuming:
+            return {}
+        payload = load_checkpoint(self.checkpoint_path, self.device)
+        self._check_flags(payload["args"], self.checkpoint_path)
         for name, obj in stateful.items():
             obj.load_state_dict(payload["state"][name])
         self.epoch, self.curves = payload["epoch"], payload["curves"]
@@ -277,6 +350,15 @@ class Run:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         self.log(f"resumed from {self.checkpoint_path} after epoch {self.epoch}")
         return payload["extra"]
+
+    def _restore_weights(self, stateful):
+        weights = load_verified(self.weights_path, self.recorded["weights_sha256"], self.device)
+        for name, obj in stateful.items():
+            if name in weights:
+                obj.load_state_dict(weights[name])
+        self.epoch, self.curves = self.recorded["epochs_completed"], self.recorded["curves"]
+        self.log(f"rebuilding from {self.weights_path} (epoch {self.epoch}), training nothing")
+        return {name: value for name, value in weights.items() if name not in stateful}
 
     def epochs(self, n_epochs):
         """The epochs still to train, counted from 1 to ``n_epochs``."""
@@ -310,9 +392,26 @@ class Run:
                    "state": {name: obj.state_dict() for name, obj in stateful.items()}}
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(payload, tmp))
 
-    def finish(self, model, **results):
+    def finish(self, model, weights=None, **results):
         """Write ``<out>/metrics.json``: how the run was started, on what and from which code, its
-        curves and training time, the parameter count of ``model`` and the measured ``results``."""
+        curves and training time, the parameter count of ``model`` and the measured ``results``; and
+        ``<out>/weights.pt`` from ``weights`` {name: module or tensors}, what sampling and the
+        figures need (names as given to ``restore``), with its SHA-256 in metrics.json.
+
+        Rebuilt --from_weights, the recorded metrics are kept and updated with ``results``; a result
+        given empty (such as a curve that needs training-time snapshots) keeps its recorded value."""
+        if self.from_weights:
+            measured = {key: value for key, value in results.items() if value not in (None, [], {})}
+            metrics = {**self.recorded, **measured,
+                       "rebuilt": {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                                   "git_commit": git_commit(), "device_name": device_name(self.device),
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+            write_json(self.out / "metrics.json", metrics)
+            self.log(f"rebuilt from {self.weights_path}; metrics in {self.out / 'metrics.json'}")
+            return metrics
+        weights_sha256 = save_weights(self.weights_path, weights) if weights else None
+        if weights and weights_sha256 is None:
+            self.log(f"weights not saved: over the {WEIGHTS_LIMIT // 2**20} MB a run may commit")
         metrics = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "args": vars(self.args),
@@ -328,6 +427,7 @@ class Run:
             "wall_time_s": self.seconds,
             "images_per_s": self.images / self.seconds if self.seconds else 0.0,
             "curves": self.curves,
+            "weights_sha256": weights_sha256,
             **results,
         }
         write_json(self.out / "metrics.json", metrics)

@@ -3,13 +3,15 @@
     python -m evaluation --model gan --checkpoint results/gan/checkpoint.pt
     python -m evaluation --table
     python -m evaluation --classifier
+    python -m evaluation --train-classifier
 
 The first draws samples through the script's ``load_sampler``, scores them with
-``evaluate_samples``, prints one line and writes evaluation.json beside the checkpoint. The second
-collects results/*/metrics.json and the (cached) real-data reference rows into
-results/comparison.md and results/comparison.json. The third trains the digit classifier behind
-the measures (or loads it from its cache) and prints its test accuracy; the others do this on
-first use too; training it takes a few minutes.
+``evaluate_samples``, prints one line and writes evaluation.json (and the memorisation figure)
+beside the checkpoint. The second collects results/*/metrics.json and the (cached) real-data
+reference rows into results/comparison.md, results/comparison.json and the precision-recall
+figure. The third checks the committed digit classifier behind the measures and prints its test
+accuracy and SHA-256. The fourth trains a new one in its place (a few minutes): a new yardstick,
+after which every run must be scored again.
 """
 
 import argparse
@@ -19,14 +21,17 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_DATA_ROOT, get_device, positive_int, seed_everything, write_json
+from common import DEFAULT_DATA_ROOT, cli, get_device, positive_int, seed_everything, write_json
 from evaluation import evaluate_samples, reference_rows
-from evaluation.classifier import load_classifier
+from evaluation.classifier import load_classifier, save_classifier
 from evaluation.table import write_ablation_table, write_table
 
 
 def summary(name, evaluation):
-    return (f"{name}: FID {evaluation['fid']:.2f} | score {evaluation['score']:.2f} | "
+    memorised = evaluation["memorisation"]
+    return (f"{name}: FID {evaluation['fid']:.2f} | precision {evaluation['precision']:.3f} | recall "
+            f"{evaluation['recall']:.3f} | memorised {100 * memorised['pixel']['share']:.2f}% (pixels), "
+            f"{100 * memorised['feature']['share']:.2f}% (features) | score {evaluation['score']:.2f} | "
             f"class KL {evaluation['class_kl_uniform']:.4f} | Parzen LL {evaluation['parzen_ll']:.1f} "
             f"± {evaluation['parzen_se']:.1f} (sigma {evaluation['parzen_sigma']:.3f}) | "
             f"{evaluation['n_samples']} samples")
@@ -38,7 +43,7 @@ def evaluate_checkpoint(model, checkpoint, n_samples, root, device):
     with torch.no_grad():
         images = sampler(n_samples)
     sampled = time.perf_counter()
-    evaluation = evaluate_samples(images, root, device)
+    evaluation = evaluate_samples(images, root, device, out=Path(checkpoint).parent)
     timing = {"sampling_s": sampled - start, "scoring_s": time.perf_counter() - sampled}
     write_json(Path(checkpoint).with_name("evaluation.json"),
                {**evaluation, "model": model, "checkpoint": str(checkpoint), **timing})
@@ -54,7 +59,9 @@ def main(argv=None):
     action.add_argument("--table", action="store_true",
                         help="write results/comparison.{md,json} and results/ablations.md")
     action.add_argument("--classifier", action="store_true",
-                        help="train (or load) the digit classifier and print its test accuracy")
+                        help="check the committed digit classifier and print its test accuracy")
+    action.add_argument("--train-classifier", action="store_true",
+                        help="train a new digit classifier in place of the committed one")
     parser.add_argument("--checkpoint", help="checkpoint of the model to evaluate (with --model)")
     parser.add_argument("--n-samples", type=positive_int, default=10_000)
     parser.add_argument("--results", default="results",
@@ -66,8 +73,11 @@ def main(argv=None):
     device = get_device(args.device)
 
     if args.classifier:
-        classifier = load_classifier(args.data_root, device)
-        print(f"digit classifier {classifier.fingerprint}: test accuracy {classifier.test_accuracy:.2%}")
+        classifier = load_classifier(device)
+        print(f"digit classifier (SHA-256 {classifier.sha256}): test accuracy {classifier.test_accuracy:.2%}")
+        return
+    if args.train_classifier:
+        save_classifier(root=args.data_root, device=device)
         return
     if args.table:
         references = reference_rows(args.data_root, device, Path(args.results) / "reference.json")
@@ -83,4 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

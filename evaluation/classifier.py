@@ -1,13 +1,14 @@
-"""A small digit classifier: the feature extractor and judge behind FID, score and class coverage.
+"""A small digit classifier: the feature extractor and judge behind FID, score, class coverage and
+precision and recall.
 
 An ImageNet Inception network would need downloaded weights and knows nothing of digits, so we
-train our own convnet on the MNIST training split: above 99% test accuracy in a few CPU minutes.
-It is trained once and cached as ``<root>/classifier/digit_classifier.pt`` together with a
-fingerprint of its training configuration; a changed configuration or CLASSIFIER_VERSION retrains it.
+trained our own convnet on the MNIST training split: above 99% test accuracy in a few CPU minutes.
+Its weights are committed as ``evaluation/digit_classifier.pt`` with their SHA-256 beside them
+(``digit_classifier.pt.sha256``): a yardstick must be the same on every machine, and retraining,
+even with the same configuration, gives other weights and other numbers. Retraining
+(``python -m evaluation --train-classifier``) makes a new yardstick with a new hash.
 """
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,18 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import atomic_write
+from common import RunError, atomic_write, load_verified, save_weights
 from datasets.loader import TensorLoader
 from datasets.mnist import random_translate
 from datasets.raw import load_mnist_arrays
 
-# Bump when the code that trains the classifier changes meaning: cached classifiers then retrain.
-CLASSIFIER_VERSION = 1
+CLASSIFIER_PATH = Path(__file__).with_name("digit_classifier.pt")
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Everything that decides which classifier comes out of training; its hash names the cache."""
+    """How the classifier is trained (the committed one was trained with these defaults)."""
 
     channels: tuple = (32, 64)
     hidden: int = 128
@@ -36,10 +36,6 @@ class ClassifierConfig:
     lr: float = 3e-3
     augment: bool = True
     seed: int = 0
-
-    def fingerprint(self):
-        text = json.dumps({"version": CLASSIFIER_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class DigitClassifier(nn.Module):
@@ -113,36 +109,43 @@ def train_classifier(config, images, labels, device="cpu"):
     return model.eval()
 
 
-def cache_path(root):
-    return Path(root) / "classifier" / "digit_classifier.pt"
+def recorded_sha256(path=CLASSIFIER_PATH):
+    """The SHA-256 committed beside the classifier's weights, in ``<path>.sha256`` ("<hex>  <name>",
+    as ``sha256sum`` writes it, so ``sha256sum -c`` checks it too)."""
+    sidecar = Path(f"{path}.sha256")
+    if not sidecar.exists():
+        raise RunError(f"{sidecar} is missing: restore it with git checkout, or retrain the classifier "
+                       "with python -m evaluation --train-classifier")
+    return sidecar.read_text().split()[0]
 
 
-def load_classifier(root="./data/", device="cpu", config=ClassifierConfig(), data=None):
-    """The cached classifier for ``config``, trained first if the cache is missing or stale.
+def save_classifier(config=ClassifierConfig(), path=CLASSIFIER_PATH, root="./data/", device="cpu", data=None):
+    """Train a classifier for ``config`` and write its weights and their SHA-256 to ``path``: a new
+    yardstick, so every run scored with the old one must be scored again before the table mixes them.
+    ``data`` is (train images, train labels, test images, test labels) as from ``mnist_tensors``; by
+    default MNIST under ``root``. Returns the SHA-256."""
+    train_x, train_y, test_x, test_y = data if data is not None else mnist_tensors(root)
+    start = time.perf_counter()
+    model = train_classifier(config, train_x, train_y, device)
+    seconds = time.perf_counter() - start
+    payload = {"state_dict": model.state_dict(), "config": asdict(config),
+               "test_accuracy": accuracy(model, test_x, test_y), "train_seconds": seconds}
+    digest = save_weights(path, payload)
+    atomic_write(f"{path}.sha256", lambda tmp: Path(tmp).write_text(f"{digest}  {Path(path).name}\n"))
+    print(f"digit classifier: test accuracy {payload['test_accuracy']:.2%}, trained in {seconds:.0f} s on "
+          f"{device}; written to {path} (SHA-256 {digest[:16]})")
+    return digest
 
-    ``data`` is (train images, train labels, test images, test labels) as from ``mnist_tensors``;
-    by default MNIST under ``root``. The returned module is in eval mode and carries
-    ``test_accuracy`` and ``fingerprint`` attributes.
-    """
-    path = cache_path(root)
-    fingerprint = config.fingerprint()
-    cached = torch.load(path, map_location=device, weights_only=True) if path.exists() else None
-    if cached is not None and cached["fingerprint"] != fingerprint:
-        print(f"digit classifier: {path} was trained with another configuration; retraining")
-        cached = None
-    if cached is None:
-        train_x, train_y, test_x, test_y = data if data is not None else mnist_tensors(root)
-        start = time.perf_counter()
-        model = train_classifier(config, train_x, train_y, device)
-        seconds = time.perf_counter() - start
-        cached = {"state_dict": model.state_dict(), "fingerprint": fingerprint, "config": asdict(config),
-                  "test_accuracy": accuracy(model, test_x, test_y), "train_seconds": seconds}
-        atomic_write(path, lambda tmp: torch.save(cached, tmp))
-        print(f"digit classifier: test accuracy {cached['test_accuracy']:.2%}, trained in {seconds:.0f} s "
-              f"on {device}; cached in {path}")
-    model = DigitClassifier(config.channels, config.hidden).to(device)
-    model.load_state_dict(cached["state_dict"])
-    model.test_accuracy = cached["test_accuracy"]
-    model.fingerprint = fingerprint
+
+def load_classifier(device="cpu", path=CLASSIFIER_PATH):
+    """The classifier in ``path``, once its bytes match the SHA-256 committed beside it. The returned
+    module is in eval mode and carries ``test_accuracy`` and ``sha256``: every measure made with it
+    records that hash, and the comparison table refuses rows scored by different classifiers."""
+    digest = recorded_sha256(path)
+    saved = load_verified(path, digest, device)
+    config = saved["config"]
+    model = DigitClassifier(tuple(config["channels"]), config["hidden"]).to(device)
+    model.load_state_dict(saved["state_dict"])
+    model.test_accuracy = saved["test_accuracy"]
+    model.sha256 = digest
     return model.eval()
-

@@ -1,4 +1,5 @@
-"""Sample-based measures: Frechet distance, classifier score, class coverage, Parzen windows.
+"""Sample-based measures: Frechet distance, classifier score, class coverage, Parzen windows,
+precision and recall, and the nearest-neighbour distances of the memorisation check.
 
 All take plain tensors, so they are tested on synthetic data with known answers.
 """
@@ -105,3 +106,52 @@ def select_sigma(validation, centres, sigmas=DEFAULT_SIGMAS):
     mean for every width (to check the best one is not at the edge of the grid)."""
     mean_ll = parzen_log_likelihood(validation, centres, sigmas).mean(dim=1)
     return float(sigmas[mean_ll.argmax().item()]), mean_ll.tolist()
+
+
+# ---------------------------------------------------------------- precision and recall
+
+def knn_radii(points, k=3, chunk=1000):
+    """The distance of each of ``points`` [N, D] to its k-th nearest neighbour among the others: the
+    radius of its ball in the k-NN estimate of the set's manifold."""
+    points = torch.as_tensor(points).double()
+    # The smallest distance in each row is the point's 0 to itself, so the k-th neighbour is the
+    # (k + 1)-th smallest.
+    return torch.cat([torch.cdist(block, points).kthvalue(k + 1, dim=1).values
+                      for block in points.split(chunk)])
+
+
+def manifold_share(queries, points, radii, chunk=1000):
+    """The share of ``queries`` inside the union of the balls around ``points`` with ``radii``."""
+    queries, points = torch.as_tensor(queries).double(), torch.as_tensor(points).double()
+    inside = [(torch.cdist(block, points) <= radii).any(dim=1) for block in queries.split(chunk)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkäänniemi et al., 2019): precision, the share of ``fake``
+    inside the k-NN manifold of ``real`` (fidelity); recall, the share of ``real`` inside that of
+    ``fake`` (diversity). Both [N, D] features; computed in chunks of pairwise distances."""
+    precision = manifold_share(fake, real, knn_radii(real, k))
+    recall = manifold_share(real, fake, knn_radii(fake, k))
+    return precision, recall
+
+
+# ---------------------------------------------------------------- memorisation
+
+def nearest_neighbours(queries, points, chunk=500):
+    """(distance, index) of the nearest of ``points`` [M, D] to each of ``queries`` [N, D], in the
+    Euclidean metric, through squared_distances in chunks of queries."""
+    distances, indices = [], []
+    for block in torch.as_tensor(queries).split(chunk):
+        nearest = squared_distances(block.to(points), points).min(dim=1)
+        distances.append(nearest.values.sqrt())
+        indices.append(nearest.indices)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def memorised_share(sample_distances, test_distances, quantile=0.01):
+    """The share of samples nearer to their nearest training image than ``quantile`` of held-out
+    test images are to theirs, and that threshold. Fresh draws from the data distribution score
+    about ``quantile``; copies of training images score 1."""
+    threshold = torch.quantile(torch.as_tensor(test_distances).double(), quantile).item()
+    return (torch.as_tensor(sample_distances).double() < threshold).double().mean().item(), threshold

@@ -147,6 +147,16 @@ def assert_resume_keeps_the_run(resume, out, metrics, capsys):
     assert (out / "checkpoint.pt").read_bytes() == checkpoint
 
 
+def assert_rebuild_reproduces_the_run(rebuild, out, metrics):
+    """On a clean clone (metrics.json and weights.pt, no checkpoint), --from_weights (``rebuild()``
+    runs it and returns its metrics) trains nothing and measures the run's numbers again."""
+    (out / "checkpoint.pt").unlink()
+    rebuilt = rebuild()
+    assert set(rebuilt.pop("rebuilt")) == {"command", "git_commit", "device_name", "finished"}
+    same_metrics(rebuilt, metrics)
+    assert not (out / "checkpoint.pt").exists()
+
+
 def assert_refused_in_one_line(main, *fragments):
     """``common.cli(main)`` stops with one ``error:`` line holding ``fragments``."""
     with pytest.raises(SystemExit) as exit_info:

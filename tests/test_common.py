@@ -1,5 +1,5 @@
-"""common.py: flags, the run harness (seeds, log, checkpoint, resume, metrics), the one-line errors
-of ``cli``, the training precision and the figures."""
+"""common.py: flags, the run harness (seeds, log, checkpoint, resume, metrics, weights and the
+rebuild from them), the one-line errors of ``cli``, the training precision and the figures."""
 
 import argparse
 import json
@@ -61,8 +61,8 @@ def run_parser():
 
 def test_run_flags_and_their_defaults():
     args = run_parser().parse_args([])
-    assert vars(args) == {"template": False, "out": "results/test", "resume": False, "seed": 42,
-                          "device": "auto", "precision": "auto", "data_root": None}
+    assert vars(args) == {"template": False, "out": "results/test", "resume": False, "from_weights": False,
+                          "seed": 42, "device": "auto", "precision": "auto", "data_root": None}
     args = run_parser().parse_args(["--template", "--resume", "--seed", "3", "--device", "cpu",
                                     "--precision", "fp32"])
     assert (args.template, args.resume, args.seed, args.device, args.precision) == (True, True, 3, "cpu",
@@ -245,8 +245,9 @@ def test_load_checkpoint_refuses_what_run_save_did_not_write(tmp_path, payload):
 
 def run_args(out, **changes):
     """The flags of a script with one flag of its own, --zdim."""
-    return SimpleNamespace(**{"zdim": 2, "template": False, "out": str(out), "resume": False, "seed": 42,
-                              "device": "cpu", "precision": "fp32", "data_root": str(out), **changes})
+    return SimpleNamespace(**{"zdim": 2, "template": False, "out": str(out), "resume": False,
+                              "from_weights": False, "seed": 42, "device": "cpu", "precision": "fp32",
+                              "data_root": str(out), **changes})
 
 
 def model_and_optimizer(seed):
@@ -383,6 +384,102 @@ def test_finish_writes_the_metrics(tmp_path, monkeypatch):
     for key in ("command", "device_name", "finished"):
         assert metrics[key]
     assert "done: 0.1 min of training" in (tmp_path / "train.log").read_text()
+
+
+# ---------------------------------------------------------------- weights and the rebuild from them
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_weights_round_trip_weights_only_and_a_flipped_byte_is_refused(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    samples = {0: (torch.ones(2, 784, dtype=torch.uint8), torch.rand(2, 784))}
+    path = tmp_path / "weights.pt"
+    digest = common.save_weights(path, {"model": model, "samples": samples})
+    assert digest == common.sha256(path.read_bytes())
+    plain = torch.load(path, weights_only=True)  # a plain file of tensors: no code is unpickled
+    assert set(plain) == {"model", "samples"} and torch.equal(plain["model"]["weight"], model.weight)
+    loaded = common.load_verified(path, digest)
+    assert torch.equal(loaded["samples"][0][1], samples[0][1])
+    assert loaded["samples"][0][0].dtype == torch.uint8
+    flip_a_byte(path)
+    with pytest.raises(common.RunError, match="is corrupted or from another run"):
+        common.load_verified(path, digest)
+    with pytest.raises(common.RunError, match="does not exist"):
+        common.load_verified(tmp_path / "missing.pt", digest)
+
+
+def test_weights_over_the_limit_are_not_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "WEIGHTS_LIMIT", 1000)
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"an old run's weights")
+    assert common.save_weights(path, {"model": torch.nn.Linear(100, 100)}) is None
+    assert not path.exists()
+
+
+def toy_main(out, **flags):
+    """A toy script's main: train a Linear model for 2 epochs, then measure it and finish, keeping a
+    figure's data (``grid``) from training in its weights. Returns (metrics, epochs trained, grid)."""
+    run = common.Run(run_args(out, epochs=2, **flags))
+    model, optimizer = model_and_optimizer(0)
+    extra = run.restore(model=model, optimizer=optimizer)
+    trained = []
+    for epoch in run.epochs(2):
+        with run.timed(n_images=10):
+            trained.append(epoch)
+            model.weight.data += 1.0
+        run.record(loss=float(epoch))
+        run.save(model=model, optimizer=optimizer)
+    grid = extra.get("grid", torch.arange(3) + len(trained))
+    # Like the GAN's progress curve, which needs training-time snapshots: empty when rebuilt.
+    progress = [1.0, 2.0] if trained else []
+    metrics = run.finish(model, weights={"model": model, "grid": grid},
+                         test={"measured": model(torch.ones(1, 4)).sum().item()}, progress=progress)
+    return metrics, trained, grid
+
+
+def test_a_run_rebuilt_from_its_weights_trains_nothing_and_reproduces_its_measures(tmp_path):
+    out = tmp_path / "run"
+    trained_metrics, trained, grid = toy_main(out)
+    assert trained == [1, 2]
+    assert trained_metrics["weights_sha256"] == common.sha256((out / "weights.pt").read_bytes())
+    (out / "checkpoint.pt").unlink()  # a clean clone: metrics.json and weights.pt only
+    recorded = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({**recorded, "test": {"measured": -1.0}}))
+
+    rebuilt, trained, rebuilt_grid = toy_main(out, from_weights=True)
+    assert trained == [] and not (out / "checkpoint.pt").exists()
+    assert torch.equal(rebuilt_grid, grid)  # the weights' other entries come back to main
+    assert rebuilt["test"] == trained_metrics["test"]  # measured again from the weights, the same
+    # The record of training stays; an empty result keeps its recorded value.
+    for key in ("command", "git_commit", "finished", "wall_time_s", "curves", "weights_sha256", "args",
+                "progress"):
+        assert rebuilt[key] == trained_metrics[key]
+    assert rebuilt["rebuilt"]["git_commit"] == common.git_commit()
+    assert json.loads((out / "metrics.json").read_text()) == rebuilt
+    log = (out / "train.log").read_text()
+    assert "epoch 2  loss 2" in log and "rebuilding from" in log  # the training log is kept
+
+
+def test_a_rebuild_refuses_corrupted_weights_other_flags_and_runs_without_weights(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    toy_main(out)
+    with pytest.raises(common.RunError, match="was trained with --epochs 2 \\(asked: 3\\)"):
+        common.Run(run_args(out, epochs=3, from_weights=True))
+    flip_a_byte(out / "weights.pt")
+    run = common.Run(run_args(out, epochs=2, from_weights=True))
+    with pytest.raises(common.RunError, match="weights.pt has SHA-256 .* the file is corrupted"):
+        run.restore(model=torch.nn.Linear(4, 3))
+    with pytest.raises(common.RunError, match="needs the metrics.json of a finished run"):
+        common.Run(run_args(tmp_path / "empty", from_weights=True))
+    monkeypatch.setattr(common, "WEIGHTS_LIMIT", 10)  # as the flow's 110 MB: no weights are kept
+    toy_main(tmp_path / "large")
+    assert not (tmp_path / "large" / "weights.pt").exists()
+    with pytest.raises(common.RunError, match="records no weights"):
+        common.Run(run_args(tmp_path / "large", epochs=2, from_weights=True))
 
 
 # ---------------------------------------------------------------- cli

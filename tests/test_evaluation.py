@@ -1,6 +1,6 @@
 """The evaluation package on synthetic data with known answers: FID, score, coverage, Parzen
-windows, the cached digit classifier, the real-image references, evaluate_samples, the comparison and
-ablation tables and the command line."""
+windows, precision and recall, the memorisation check, the committed digit classifier, the
+real-image references, evaluate_samples, the comparison and ablation tables and the command line."""
 
 import json
 import math
@@ -15,17 +15,22 @@ import scipy.special
 import scipy.stats
 import torch
 
+import common
 import evaluation
 import evaluation.__main__ as cli
 import evaluation.classifier as classifier_module
-from evaluation.classifier import ClassifierConfig, DigitClassifier, load_classifier
+from evaluation.classifier import ClassifierConfig, DigitClassifier, load_classifier, save_classifier
 from evaluation.metrics import (
     class_fractions,
     classifier_score,
     fid,
     frechet_distance,
     kl_to_uniform,
+    knn_radii,
+    memorised_share,
+    nearest_neighbours,
     parzen_log_likelihood,
+    precision_recall,
     select_sigma,
 )
 from evaluation.table import MODEL_ORDER, write_ablation_table, write_table
@@ -151,33 +156,38 @@ def synthetic_digits(n, seed):
     return images.reshape(n, 784), labels
 
 
-def test_classifier_trains_caches_reloads_and_retrains_when_its_configuration_changes(tmp_path, monkeypatch):
+def test_the_committed_classifier_loads_weights_only_and_matches_its_recorded_hash():
+    path = classifier_module.CLASSIFIER_PATH
+    assert path.parent.name == "evaluation"
+    saved = torch.load(path, weights_only=True)
+    assert common.sha256(path.read_bytes()) == classifier_module.recorded_sha256()
+    model = load_classifier("cpu")
+    assert model.sha256 == classifier_module.recorded_sha256()
+    assert model.test_accuracy == saved["test_accuracy"]
+    assert model.test_accuracy > 0.99 and not model.training
+
+
+def test_a_trained_classifier_is_a_new_yardstick_with_its_own_hash_and_a_flipped_byte_is_refused(tmp_path):
     data = (*synthetic_digits(400, seed=0), *synthetic_digits(100, seed=1))
-    trainings = []
-    train = classifier_module.train_classifier
-    monkeypatch.setattr(classifier_module, "train_classifier",
-                        lambda *args, **kwargs: trainings.append(args[0]) or train(*args, **kwargs))
-
-    model = load_classifier(tmp_path, "cpu", TINY, data)
-    cache = classifier_module.cache_path(tmp_path)
-    assert trainings == [TINY] and cache.exists()
-    assert model.test_accuracy > 0.9
-    assert torch.load(cache, weights_only=True)["test_accuracy"] == model.test_accuracy
-
+    path = tmp_path / "digit_classifier.pt"
+    digest = save_classifier(TINY, path, data=data)
+    assert (tmp_path / "digit_classifier.pt.sha256").read_text() == f"{digest}  digit_classifier.pt\n"
+    assert digest == common.sha256(path.read_bytes()) != classifier_module.recorded_sha256()
+    model = load_classifier("cpu", path)
+    assert model.sha256 == digest and model.test_accuracy > 0.9
     images = data[2][:8]
     with torch.no_grad():
         assert model.features(images).shape == (8, 16)
-        logits = model(images)
-        assert torch.equal(model(images.reshape(8, 1, 28, 28)), logits)
-        reloaded = load_classifier(tmp_path, "cpu", TINY, data)
-        assert trainings == [TINY]
-        assert torch.equal(reloaded(images), logits)
+        assert torch.equal(model(images.reshape(8, 1, 28, 28)), model(images))
 
-    changed = ClassifierConfig(**{**TINY.__dict__, "seed": 1})
-    assert changed.fingerprint() != TINY.fingerprint()
-    load_classifier(tmp_path, "cpu", changed, data)
-    assert trainings == [TINY, changed]
-    assert torch.load(cache, weights_only=True)["fingerprint"] == changed.fingerprint()
+    corrupted = bytearray(path.read_bytes())
+    corrupted[len(corrupted) // 2] ^= 1
+    path.write_bytes(bytes(corrupted))
+    with pytest.raises(common.RunError, match="SHA-256 .* not the .* recorded for it"):
+        load_classifier("cpu", path)
+    (tmp_path / "digit_classifier.pt.sha256").unlink()
+    with pytest.raises(common.RunError, match="sha256 is missing"):
+        load_classifier("cpu", path)
 
 
 def test_classifier_training_leaves_the_global_random_state_alone():
@@ -190,9 +200,11 @@ def test_classifier_training_leaves_the_global_random_state_alone():
 
 # ---------------------------------------------------------------- evaluate_samples and the command line
 
-def small_classifier():
+def small_classifier(sha256="small"):
     torch.manual_seed(0)
-    return DigitClassifier(channels=(4, 8), hidden=16).eval()
+    model = DigitClassifier(channels=(4, 8), hidden=16).eval()
+    model.sha256 = sha256
+    return model
 
 
 def test_evaluate_samples_of_the_test_images_themselves(fake_mnist_root, small_splits):
@@ -200,10 +212,17 @@ def test_evaluate_samples_of_the_test_images_themselves(fake_mnist_root, small_s
     test = references["test"]
     result = evaluation.evaluate_samples(test.reshape(-1, 1, 28, 28), fake_mnist_root, "cpu",
                                          small_classifier())
-    assert set(result) == {"reference", "fid", "score", "class_fractions", "class_kl_uniform", "parzen_ll",
-                           "parzen_se", "parzen_sigma", "n_samples"}
+    assert set(result) == {"reference", "classifier_sha256", "fid", "score", "class_fractions",
+                           "class_kl_uniform", "parzen_ll", "parzen_se", "parzen_sigma", "precision",
+                           "recall", "memorisation", "n_samples"}
     assert result["reference"] == "test" and result["n_samples"] == len(test) == 30
+    assert result["classifier_sha256"] == "small"
     assert abs(result["fid"]) < 1e-9  # the very images FID compares against
+    assert result["precision"] == result["recall"] == 1.0
+    # The test images are the yardstick of memorisation: 1% of them lie below its threshold.
+    for space in ("pixel", "feature"):
+        assert result["memorisation"][space]["share"] <= 0.01 + 1 / 30
+        assert result["memorisation"][space]["median_sample"] == result["memorisation"][space]["median_test"]
     assert 1 <= result["score"] <= 10
     assert sum(result["class_fractions"]) == pytest.approx(1)
     assert result["class_kl_uniform"] == pytest.approx(kl_to_uniform(result["class_fractions"]))
@@ -273,8 +292,9 @@ def test_reference_features_are_computed_once_per_classifier_and_reference(fake_
     images = torch.rand(20, 784, generator=torch.Generator().manual_seed(0))
     for reference in ("test", "selection", "test", "selection"):
         evaluation.evaluate_samples(images, fake_mnist_root, "cpu", classifier, reference=reference)
-    # Each call classifies its 20 samples; the 30 test and 30 selection images are classified once each.
-    assert classified == [20, 30, 20, 30, 20, 20]
+    # Each call classifies its 20 samples; the 30 test and 30 selection images are classified once each,
+    # and the 120 training images once, for the memorisation check of the first "test" call.
+    assert classified == [20, 30, 120, 20, 30, 20, 20]
 
 
 def test_evaluate_samples_rejects_images_outside_the_unit_interval(fake_mnist_root, small_splits):
@@ -298,7 +318,7 @@ def test_cli_evaluates_a_checkpoint_through_the_scripts_sampler(fake_mnist_root,
         return lambda n: test[:n]
 
     monkeypatch.setitem(sys.modules, "a3_vae_template", types.SimpleNamespace(load_sampler=load_sampler))
-    monkeypatch.setattr(evaluation, "load_classifier", lambda root, device: small_classifier())
+    monkeypatch.setattr(evaluation, "load_classifier", lambda device: small_classifier())
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     cli.main(["--model", "vae", "--checkpoint", str(checkpoint), "--n-samples", "20",
               "--data-root", str(fake_mnist_root), "--device", "cpu"])
@@ -306,35 +326,103 @@ def test_cli_evaluates_a_checkpoint_through_the_scripts_sampler(fake_mnist_root,
     written = json.loads((checkpoint.parent / "evaluation.json").read_text())
     assert written["model"] == "vae" and written["n_samples"] == 20 and written["reference"] == "test"
     assert "vae: FID" in capsys.readouterr().out
+    assert all((checkpoint.parent / f"memorisation.{kind}").exists() for kind in ("png", "pdf"))
 
 
-def test_reference_rows_are_cached_until_the_fingerprint_changes(fake_mnist_root, small_splits, tmp_path,
-                                                                 monkeypatch):
-    monkeypatch.setattr(evaluation, "load_classifier", lambda root, device: small_classifier())
+def test_reference_rows_are_the_mean_and_sd_of_random_subsets_cached_until_the_classifier_changes(
+        fake_mnist_root, small_splits, tmp_path, monkeypatch):
+    classifier = small_classifier("first")
+    monkeypatch.setattr(evaluation, "load_classifier", lambda device: classifier)
     monkeypatch.setattr(DigitClassifier, "test_accuracy", 0.5, raising=False)
     evaluated = []
     evaluate = evaluation.evaluate_samples
-    monkeypatch.setattr(evaluation, "evaluate_samples",
-                        lambda images, *args: evaluated.append(len(images)) or evaluate(images, *args))
+    monkeypatch.setattr(evaluation, "evaluate_samples", lambda images, *args, **kwargs: evaluated.append(
+        images) or evaluate(images, *args, **kwargs))
     cache = tmp_path / "reference.json"
 
     first = evaluation.reference_rows(fake_mnist_root, "cpu", cache)
-    n_train = evaluation.N_REFERENCE  # the first training images, as samples
-    assert evaluated == [n_train]
-    assert [row["name"] for row in first["rows"]] == ["real_train"]
-    assert first["rows"][0]["n_samples"] == n_train and first["classifier_test_accuracy"] == 0.5
-    assert first["rows"][0]["reference"] == "test"
+    train = evaluation.real_images(fake_mnist_root)[0]
+    assert len(evaluated) == len(evaluation.REAL_SEEDS) == 5
+    for images, seed in zip(evaluated, evaluation.REAL_SEEDS, strict=True):
+        assert torch.equal(images, evaluation.training_subset(train, seed))
+        chosen = rows_of(images, train)
+        assert len(images) == 30 and (chosen >= 0).all() and (chosen < 80).all()  # not the Parzen images
+    assert not torch.equal(evaluated[0], evaluated[1])
+    rows = [evaluate(images, fake_mnist_root, "cpu", classifier, check_memorisation=False)
+            for images in evaluated]
+    (row,) = first["rows"]
+    assert row["name"] == "real_train" and row["n_subsets"] == 5 and row["n_samples"] == 30
+    assert "memorisation" not in row and row["classifier_sha256"] == "first"
+    for key in ("fid", "precision", "recall", "score", "parzen_ll"):
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+        assert row[key] == pytest.approx(values.mean().item())
+        assert row[f"{key}_sd"] == pytest.approx(values.std().item())
+    assert row["fid_sd"] > 0 and first["classifier_test_accuracy"] == 0.5
 
     assert evaluation.reference_rows(fake_mnist_root, "cpu", cache) == first
-    assert evaluated == [n_train]
+    assert len(evaluated) == 5
+    classifier.sha256 = "retrained"  # other weights: a new yardstick, the cache no longer holds
+    again = evaluation.reference_rows(fake_mnist_root, "cpu", cache)
+    assert again["rows"][0]["classifier_sha256"] == "retrained"
+    assert len(evaluated) == 10
 
-    monkeypatch.setattr(evaluation, "EVALUATION_VERSION", evaluation.EVALUATION_VERSION + 1)
-    evaluation.reference_rows(fake_mnist_root, "cpu", cache)
-    assert evaluated == [n_train, n_train]
+
+# ---------------------------------------------------------------- precision, recall and memorisation
+
+def test_knn_radii_are_the_distance_to_the_kth_other_point():
+    points = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    assert knn_radii(points, k=1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(points, k=2, chunk=3).tolist() == [3.0, 2.0, 3.0, 6.0]
 
 
-def fake_evaluation(fid_value):
-    return {"fid": fid_value, "score": 9.5, "class_fractions": [0.05] + [0.95 / 9] * 9,
+def test_precision_and_recall_of_point_clouds_with_known_answers():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(4000, 2, generator=generator)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    # Samples on the left half of the real support: all realistic, half the real data covered (the
+    # k-NN balls' finite-sample holes at the border lose a little precision).
+    half = torch.rand(4000, 2, generator=generator) * torch.tensor([0.5, 1.0])
+    precision, recall = precision_recall(real, half)
+    assert precision > 0.97 and recall == pytest.approx(0.5, abs=0.03)
+    assert precision_recall(real, real + 2.0) == (0.0, 0.0)
+
+
+def test_nearest_neighbours_finds_the_nearest_point_and_its_distance():
+    points = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
+    queries = torch.tensor([[3.0, 4.0], [9.0, 0.0], [0.0, 1.0]])
+    distances, indices = nearest_neighbours(queries, points, chunk=2)
+    assert indices.tolist() == [1, 2, 0]
+    assert distances.tolist() == pytest.approx([0.0, 1.0, 1.0], abs=1e-3)
+
+
+def test_memorised_share_is_one_for_copies_and_one_percent_for_fresh_draws():
+    generator = torch.Generator().manual_seed(0)
+    train, test, fresh = (torch.randn(5000, 20, generator=generator) for _ in range(3))
+    test_distances = nearest_neighbours(test, train)[0]
+    copies, threshold = memorised_share(nearest_neighbours(train[:2000], train)[0], test_distances)
+    assert copies == 1.0 and threshold == torch.quantile(test_distances.double(), 0.01).item()
+    share, _ = memorised_share(nearest_neighbours(fresh, train)[0], test_distances)
+    assert share == pytest.approx(0.01, abs=0.005)
+
+
+def test_memorisation_check_of_copied_training_images_draws_its_figure(fake_mnist_root, small_splits,
+                                                                       tmp_path):
+    train = evaluation.real_images(fake_mnist_root)[0]
+    result = evaluation.evaluate_samples(train[:60], fake_mnist_root, "cpu", small_classifier(), out=tmp_path)
+    for space in ("pixel", "feature"):
+        assert result["memorisation"][space]["share"] == 1.0
+        checked = result["memorisation"][space]
+        assert checked["median_sample"] < 1e-2 < checked["threshold"]
+    assert (tmp_path / "memorisation.png").exists() and (tmp_path / "memorisation.pdf").exists()
+    selection = evaluation.evaluate_samples(train[:60], fake_mnist_root, "cpu", small_classifier(),
+                                            reference="selection")
+    assert "memorisation" not in selection  # progress curves skip it
+
+
+def fake_evaluation(fid_value, classifier_sha256="abc"):
+    return {"classifier_sha256": classifier_sha256, "fid": fid_value, "precision": 0.7512, "recall": 0.25,
+            "memorisation": {"pixel": {"share": 0.0123}, "feature": {"share": 0.02}}, "score": 9.5,
+            "class_fractions": [0.05] + [0.95 / 9] * 9,
             "class_kl_uniform": 0.0123, "parzen_ll": 225.04, "parzen_se": 2.01, "parzen_sigma": 0.17,
             "n_samples": 10_000}
 
@@ -346,7 +434,8 @@ def write_metrics(results, name, test, fid_value=1.0, **extra):
     (results / name / "metrics.json").write_text(json.dumps(metrics))
 
 
-def test_table_lists_every_run_in_order_with_its_own_likelihood_and_the_reference(tmp_path, capsys):
+def test_table_lists_every_run_in_order_with_its_own_likelihood_and_the_reference(tmp_path, capsys,
+                                                                                     monkeypatch):
     results = tmp_path / "results"
     write_metrics(results, "nf", {"bpd": 1.0512}, fid_value=4.0)
     write_metrics(results, "gan", {}, fid_value=3.0)
@@ -357,10 +446,12 @@ def test_table_lists_every_run_in_order_with_its_own_likelihood_and_the_referenc
     (results / "gan" / "evaluation.json").write_text(json.dumps(fake_evaluation(30.0)))
     metrics_time = os.stat(results / "gan" / "metrics.json").st_mtime
     os.utime(results / "gan" / "evaluation.json", (metrics_time + 10, metrics_time + 10))
-    reference = {"name": "real_train", "label": "MNIST training images (10,000)", **fake_evaluation(0.5)}
+    reference = {"name": "real_train", "label": "MNIST training images (10,000)", **fake_evaluation(0.5),
+                 "fid_sd": 0.25, "precision_sd": 0.01, "parzen_ll_sd": 3.0}
+    del reference["memorisation"]
+    monkeypatch.setattr(evaluation, "load_classifier", lambda device: small_classifier("abc"))
     (results / "reference.json").write_text(json.dumps(
-        {"fingerprint": evaluation.reference_fingerprint(), "classifier_test_accuracy": 0.9912,
-         "rows": [reference]}))
+        {"key": evaluation.reference_key("abc"), "classifier_test_accuracy": 0.9912, "rows": [reference]}))
 
     cli.main(["--table", "--results", str(results), "--device", "cpu"])
 
@@ -376,9 +467,22 @@ def test_table_lists_every_run_in_order_with_its_own_likelihood_and_the_referenc
     assert "1.051 bits/dim" in lines["| RealNVP flow"]
     assert "| 225.0 ± 2.0 |" in lines["| VAE (z=20)"] and "| 5.0 / 10.6 |" in lines["| VAE (z=20)"]
     assert "| 1,234,567 | 10.0 min |" in lines["| VAE (z=20)"]
-    assert "| MNIST training images (10,000) | 0.50 |" in table
-    assert "99.12%" in table
+    assert "| 1.00 | 0.751 | 0.250 | 9.50 |" in lines["| VAE (z=20)"]
+    assert "| 1.23 / 2.00 |" in lines["| VAE (z=20)"]
+    assert "| MNIST training images (10,000) | 0.50 ± 0.25 | 0.751 ± 0.010 | 0.250 | 9.50 |" in table
+    assert "| n/a | 225.0 ± 3.0 |" in lines["| MNIST training images (10,000)"]
+    assert "99.12%; SHA-256 of its weights: `abc`." in table
     assert table in capsys.readouterr().out
+    assert (results / "precision_recall.png").exists() and (results / "precision_recall.pdf").exists()
+
+
+def test_table_refuses_rows_scored_by_different_classifiers(tmp_path):
+    results = tmp_path / "results"
+    write_metrics(results, "vae", {})
+    write_metrics(results, "gan", {}, evaluation=fake_evaluation(3.0, classifier_sha256="retrained"))
+    with pytest.raises(common.RunError, match=r"different digit classifiers: vae \(abc\), gan \(retrained\)"):
+        write_table(results, {"rows": []})
+    assert not (results / "comparison.md").exists()
 
 
 def test_table_shows_runs_without_an_evaluation_as_not_available(tmp_path):
@@ -388,7 +492,7 @@ def test_table_shows_runs_without_an_evaluation_as_not_available(tmp_path):
     rows = write_table(results, {"rows": []})
     assert rows[0]["fid"] is None and rows[0]["wall_time_s"] is None
     line = (results / "comparison.md").read_text().splitlines()[4]
-    assert line == "| RealNVP flow | n/a | n/a | n/a | n/a | n/a | 1.100 bits/dim | 10 | n/a |"
+    assert line == "| RealNVP flow |" + " n/a |" * 8 + " 1.100 bits/dim | 10 | n/a |"
 
 
 def test_the_assignments_runs_come_first_in_their_order(tmp_path):
@@ -431,9 +535,26 @@ def test_ablation_table_has_one_row_per_ablation_with_its_note(tmp_path):
 def test_the_table_command_also_writes_the_ablation_table(tmp_path, monkeypatch):
     results = tmp_path / "results"
     write_metrics(results, "vae", {"negative_elbo": 97.0})
+    monkeypatch.setattr(evaluation, "load_classifier", lambda device: small_classifier("abc"))
     (results / "reference.json").write_text(json.dumps(
-        {"fingerprint": evaluation.reference_fingerprint(), "classifier_test_accuracy": 0.99, "rows": []}))
+        {"key": evaluation.reference_key("abc"), "classifier_test_accuracy": 0.99, "rows": []}))
     cli.main(["--table", "--results", str(results), "--device", "cpu"])
     ablations = (results / "ablations.md").read_text().splitlines()
     assert ablations[0] == "# Ablations and seed studies" and ablations[-1].startswith("|---|")
     assert (results / "comparison.md").exists()
+
+
+def test_extension_runs_follow_the_assignments_labelled_by_what_they_change(tmp_path):
+    results = tmp_path / "results"
+    write_metrics(results, "vae", {})
+    write_metrics(results, "extensions/vae_iaf_k4", {"negative_elbo": 90.0},
+                  args={"posterior": "iaf", "flow_steps": 4, "iw_samples": 1, "epochs": 80})
+    write_metrics(results, "extensions/vae_gaussian_iw5", {"negative_elbo": 91.0},
+                  args={"posterior": "gaussian", "flow_steps": 8, "iw_samples": 5, "epochs": 80})
+    write_metrics(results, "extensions/nf_conv", {"bpd": 1.39},
+                  args={"coupling": "conv", "dequantization": "uniform"})
+    rows = write_table(results, {"rows": []})
+    assert [row["label"] for row in rows] == [
+        "VAE", "RealNVP, conv couplings, uniform (ext.)", "VAE, gaussian, IW k=5, 80 epochs (ext.)",
+        "VAE, iaf K=4, 80 epochs (ext.)"]
+    assert rows[1]["bpd"] == 1.39 and rows[3]["negative_elbo"] == 90.0

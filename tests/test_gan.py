@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (
     assert_one_line_error,
+    assert_rebuild_reproduces_the_run,
     assert_refused_in_one_line,
     assert_resume_keeps_the_run,
     corrupt,
@@ -605,10 +606,11 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     out = smoke / "gan"
     metrics = run_main(smoke, out, "--n_epochs", "3", "--batch_size", "32", "--resume")
 
-    stems = ["samples_start", "samples_halfway", "samples_end", "losses", "interpolation", "interpolations"]
+    stems = ["samples_start", "samples_halfway", "samples_end", "losses", "interpolation", "interpolations",
+             "memorisation"]
     expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
     assert {p.name for p in out.iterdir()} == expected | {"intervals", "metrics.json", "checkpoint.pt",
-                                                          "train.log"}
+                                                          "weights.pt", "train.log"}
     # 4 batches per epoch (120 images), a grid every 2 batches counted over the run
     assert sorted(p.name for p in (out / "intervals").iterdir()) == [f"batch_{i:06d}.png"
                                                                      for i in range(0, 12, 2)]
@@ -652,6 +654,11 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
 
     assert_refused_in_one_line(lambda: gan.main(argv(smoke, out, "--n_epochs", "3", "--resume")),
                                "--batch_size 32 (asked: None)")
+
+    # From the averaged generator's weights alone: the same numbers; the progress curve is kept.
+    rebuild = ("--n_epochs", "3", "--batch_size", "32", "--from_weights")
+    assert_rebuild_reproduces_the_run(lambda: run_main(smoke, out, *rebuild), out, metrics)
+    assert set(torch.load(out / "weights.pt", weights_only=True)) == {"generator_average", "fixed_z"}
 
 
 def test_template_flag_trains_the_templates_way(smoke, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     assert_one_line_error,
+    assert_rebuild_reproduces_the_run,
     assert_refused_in_one_line,
     assert_resume_keeps_the_run,
     corrupt,
@@ -316,7 +317,8 @@ def test_variational_dequantization_log_density_matches_its_jacobian():
     context = (pixels / 255).view(-1, 1, 28, 28)
     with torch.no_grad():
         noise, log_q = dequantizer(pixels, torch.Generator().manual_seed(9))
-    uniform = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(9)).double().clamp(min=1e-7)
+    uniform = torch.rand(pixels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    uniform = uniform.clamp(min=1e-7)
     e = torch.log(uniform) - torch.log1p(-uniform)
     assert noise.min() > 0 and noise.max() < 1
     for i in range(len(pixels)):
@@ -632,10 +634,10 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     out = smoke / "nf"
     metrics = run_main(smoke, out, "--resume")
 
-    stems = ["bpd", "samples_start", "samples_halfway", "samples_end"]
+    stems = ["bpd", "samples_start", "samples_halfway", "samples_end", "memorisation"]
     expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
     assert {p.name for p in out.iterdir()} == expected | {"epochs", "metrics.json", "checkpoint.pt",
-                                                          "train.log"}
+                                                          "weights.pt", "train.log"}
     assert {p.name for p in (out / "epochs").iterdir()} == {"epoch_01.png", "epoch_02.png"}
     assert Image.open(out / "epochs" / "epoch_02.png").size == (8 * 30 + 2, 8 * 30 + 2)
 
@@ -669,6 +671,29 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     assert_resume_keeps_the_run(lambda: run_main(smoke, out, "--resume"), out, metrics, capsys)
     assert_refused_in_one_line(lambda: nf.main(argv(smoke, out, "--resume", "--epochs", "3")),
                                "--epochs 2 (asked: 3)")
+
+
+def test_conv_flow_with_variational_dequantization_end_to_end(smoke, monkeypatch):
+    """--coupling conv --dequantization variational trains the conv setting, reports both test
+    estimates, samples through load_sampler, and rebuilds from its weights with the same numbers."""
+    monkeypatch.setitem(nf.CONV_TRAINING, "batch_size", 32)
+    monkeypatch.setattr(nf, "NOISE_SAMPLES", 3)
+    out = smoke / "conv"
+    flags = ("--coupling", "conv", "--dequantization", "variational")
+    metrics = run_main(smoke, out, *flags)
+    assert metrics["setting"] == {**nf.OURS, **nf.CONV_TRAINING}
+    model = nf.Model([784], coupling="conv", dequantization="variational")
+    assert metrics["n_params"] == sum(p.numel() for p in model.parameters())
+    model.load_state_dict(torch.load(out / "weights.pt", weights_only=True)["model"])
+    test_loader = nf.mnist(smoke, batch_size=32)[2]
+    test = metrics["test"]
+    assert test["noise_samples"] == 3
+    assert test["bpd"] == pytest.approx(nf.epoch_iter(model.eval(), test_loader, None), rel=1e-6)
+    assert test["bpd_importance_weighted"] == pytest.approx(nf.importance_weighted_bpd(model, test_loader, 3),
+                                                            rel=1e-6)
+    assert test["bpd_importance_weighted"] < test["bpd"]
+    torch.testing.assert_close(nf.load_sampler(out / "checkpoint.pt")(8), nf.sample_images(model, 8))
+    assert_rebuild_reproduces_the_run(lambda: run_main(smoke, out, *flags, "--from_weights"), out, metrics)
 
 
 def test_resume_after_a_nan_matches_an_uninterrupted_run(smoke, monkeypatch):

@@ -13,6 +13,7 @@ import torch
 from conftest import (
     REPO,
     assert_one_line_error,
+    assert_rebuild_reproduces_the_run,
     assert_refused_in_one_line,
     assert_resume_keeps_the_run,
     corrupt,
@@ -509,10 +510,11 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     out = smoke / "vae"
     metrics = run_main(smoke, out, "--resume")  # no checkpoint yet: a new run
 
-    figures = ["negative_elbo", "negative_elbo_zoom", "manifold"] + [
+    figures = ["negative_elbo", "negative_elbo_zoom", "manifold", "memorisation"] + [
         f"{kind}_epoch{epoch:03d}" for kind in ("samples", "means") for epoch in (0, 1, 2)]
     expected = {f"{stem}.{ext}" for stem in figures for ext in ("png", "pdf")}
-    assert {p.name for p in out.iterdir()} == expected | {"checkpoint.pt", "metrics.json", "train.log"}
+    assert {p.name for p in out.iterdir()} == expected | {"checkpoint.pt", "weights.pt", "metrics.json",
+                                                          "train.log"}
 
     assert metrics["epochs_completed"] == 2
     assert metrics["setting"] == {**vae.OURS, "hidden_dim": 500, "batch_size": 32, "lr": 1e-3}
@@ -546,6 +548,12 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     # Resuming with other flags is refused, in one line that names the flag.
     assert_refused_in_one_line(lambda: vae.main(argv(smoke, out, "--resume", "--zdim", "3")),
                                "--zdim 2 (asked: 3)")
+
+    # From the weights alone: every figure again, the same numbers (the bounds kept from the run).
+    for figure in expected:
+        (out / figure).unlink()
+    assert_rebuild_reproduces_the_run(lambda: run_main(smoke, out, "--from_weights"), out, metrics)
+    assert {p.name for p in out.iterdir()} == expected | {"weights.pt", "metrics.json", "train.log"}
 
 
 def test_template_flag_trains_the_templates_model_the_templates_way(smoke, monkeypatch):
