@@ -63,14 +63,13 @@ figures: $(STAMP)
 extensions: extensions-nf extensions-vae
 	$(PY) -m evaluation.extensions
 
-# VAE with flow posteriors and the importance-weighted bound, all 80 epochs, every NLL estimated with
-# the same K = 1000 importance samples.
+# VAE with flow posteriors, all 80 epochs, every NLL estimated with the same K = 1000 importance
+# samples.
 VAE_EXT = --epochs 80 --importance_samples 1000
 extensions-vae: classifier
 	$(call train,a3_vae_template.py,results/extensions/vae_gaussian,$(VAE_EXT))
 	$(call train,a3_vae_template.py,results/extensions/vae_iaf_k4,$(VAE_EXT) --posterior iaf --flow_steps 4)
 	$(call train,a3_vae_template.py,results/extensions/vae_planar_k8,$(VAE_EXT) --posterior planar --flow_steps 8)
-	$(call train,a3_vae_template.py,results/extensions/vae_gaussian_iw5,$(VAE_EXT) --iw_samples 5)
 
 # RealNVP with convolutional couplings, uniform and variational dequantization, 12 epochs each.
 extensions-nf: classifier
