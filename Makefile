@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Run (or resume) a training script; each script keeps its own <out>/train.log.
+# Run (or resume) a training script or extension module; each run keeps its own <out>/train.log.
 train = $(PY) $(1) --resume --out $(2) $(3)
+# Rebuild a finished run's figures and measures from its committed weights, training nothing.
+rebuild = $(PY) $(1) --from_weights --out $(2) $(3)
 
 .PHONY: venv test lint results results-vae results-gan results-nf figures classifier bench data \
-	extensions extensions-vae extensions-nf
+	tables extensions extensions-vae extensions-nf ablations
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +33,14 @@ data: $(STAMP)
 classifier: $(STAMP)
 	$(PY) -m evaluation --classifier
 
+# The comparison, ablation and extension tables and figures, from every results/**/metrics.json.
+tables: $(STAMP)
+	$(PY) -m report.tables
+
 # Each run resumes from its last checkpoint if interrupted; rerunning a finished run only redraws
 # its figures and metrics.
 results-vae: classifier
-	$(call train,a3_vae_template.py,results/vae,--zdim 20)
+	$(call train,a3_vae_template.py,results/vae)
 	$(call train,a3_vae_template.py,results/vae_z2,--zdim 2)
 
 results-gan: classifier
@@ -44,37 +50,43 @@ results-nf: classifier
 	$(call train,a3_nf_template.py,results/nf)
 
 results: results-vae results-gan results-nf
-	$(PY) -m evaluation --table
+	$(PY) -m report.tables comparison
 
-# Every sample figure, evaluation row and the comparison table again from the committed weights
-# (results/*/weights.pt), training nothing; the MLP flow's weights are too large to commit, so its
-# row stays as its run wrote it (`make results-nf` with its checkpoint redraws it).
+# Every sample figure, evaluation row and table again from the committed weights
+# (results/**/weights.pt), training nothing; a file whose numbers are unchanged is not rewritten. The
+# MLP flow's weights are too large to commit, so its row stays as its run wrote it (`make results-nf`
+# with its checkpoint redraws it).
 figures: $(STAMP)
-	$(PY) a3_vae_template.py --from_weights --out results/vae --zdim 20
-	$(PY) a3_vae_template.py --from_weights --out results/vae_z2 --zdim 2
-	$(PY) a3_gan_template.py --from_weights --out results/gan
-	$(PY) a3_nf_template.py --from_weights --out results/extensions/nf_conv --coupling conv --epochs 12
-	$(PY) a3_nf_template.py --from_weights --out results/extensions/nf_conv_variational --coupling conv \
-		--dequantization variational --epochs 12
-	$(PY) -m evaluation --table
+	$(call rebuild,a3_vae_template.py,results/vae)
+	$(call rebuild,a3_vae_template.py,results/vae_z2,--zdim 2)
+	$(call rebuild,a3_gan_template.py,results/gan)
+	$(call rebuild,-m extensions.nf_couplings,results/extensions/nf_conv)
+	$(call rebuild,-m extensions.nf_couplings,results/extensions/nf_conv_variational,$(NF_VARIATIONAL))
+	$(PY) -m report.tables
+
+# The ablations, seed studies and sweeps of experiments.py, each into results/ablations/<name>/
+# (resumable; `python experiments.py --list` shows them), then their table.
+ablations: classifier
+	$(PY) experiments.py
+	$(PY) -m report.tables ablations
 
 # Beyond the assignment, not part of `make results`: each run trains in at most ~25 min on a 2-core
-# CPU. Then the tables and figures of results/extensions/ (python -m evaluation.extensions).
+# CPU. Then the tables and figures of results/extensions/.
 extensions: extensions-nf extensions-vae
-	$(PY) -m evaluation.extensions
+	$(PY) -m report.tables extensions
 
 # VAE with flow posteriors, all 80 epochs, every NLL estimated with the same K = 1000 importance
-# samples.
-VAE_EXT = --epochs 80 --importance_samples 1000
+# samples (the defaults of extensions.vae_flows).
 extensions-vae: classifier
-	$(call train,a3_vae_template.py,results/extensions/vae_gaussian,$(VAE_EXT))
-	$(call train,a3_vae_template.py,results/extensions/vae_iaf_k4,$(VAE_EXT) --posterior iaf --flow_steps 4)
-	$(call train,a3_vae_template.py,results/extensions/vae_planar_k8,$(VAE_EXT) --posterior planar --flow_steps 8)
+	$(call train,-m extensions.vae_flows,results/extensions/vae_gaussian,--set posterior=gaussian)
+	$(call train,-m extensions.vae_flows,results/extensions/vae_iaf_k4,--set posterior=iaf --set flow_steps=4)
+	$(call train,-m extensions.vae_flows,results/extensions/vae_planar_k8,--set posterior=planar --set flow_steps=8)
 
 # RealNVP with convolutional couplings, uniform and variational dequantization, 12 epochs each.
+NF_VARIATIONAL = --set dequantization=variational
 extensions-nf: classifier
-	$(call train,a3_nf_template.py,results/extensions/nf_conv,--coupling conv --epochs 12)
-	$(call train,a3_nf_template.py,results/extensions/nf_conv_variational,--coupling conv --dequantization variational --epochs 12)
+	$(call train,-m extensions.nf_couplings,results/extensions/nf_conv)
+	$(call train,-m extensions.nf_couplings,results/extensions/nf_conv_variational,$(NF_VARIATIONAL))
 
 # Loader and training speed, the template's way against ours, on this CPU (a few minutes): run it on
 # an otherwise idle machine, e.g. not while `make results` trains.

@@ -1,49 +1,62 @@
 """Part 2: a generative adversarial network on MNIST (assignment questions 2.4-2.7).
 
-    python a3_gan_template.py                 # 200 epochs into results/gan/
-    python a3_gan_template.py --template      # the course template's training
+    python a3_gan_template.py                   # DEFAULT settings, 200 epochs into results/gan/
+    python a3_gan_template.py --template        # the course template's training (TEMPLATE)
+    python a3_gan_template.py --set r1_gamma=0  # any field of Settings
 
-The template's MLPs (Goodfellow et al., 2014) trained on all 60,000 training images scaled to
-[-1, 1]: the discriminator by binary cross-entropy on real against generated images, the generator
-by the non-saturating loss -log D(G(z)), both with Adam, betas (0.5, 0.999), for 200 epochs. Beyond
-the template, to keep training from drifting away from good, class-balanced samples:
-
-- an R1 gradient penalty on the discriminator (Mescheder et al., 2018), applied lazily on every 8th
-  batch (Karras et al., 2020);
-- samples drawn from an exponential moving average of the generator's weights (Yazici et al., 2019),
-  with batch-norm statistics recomputed for the averaged weights;
-- learning rates that decay linearly to 0 over the second half of training;
-- batches of 128 at a learning rate of 4e-4 instead of 64 at 2e-4: the same samples in fewer steps.
-
-``--template`` turns all four off (batch 64, learning rate 2e-4, constant, samples from G itself).
-Outputs in --out (PNG + PDF): ``samples_{start,halfway,end}``, ``losses`` (the losses and mean D(x),
-D(G(z)) per epoch), ``interpolation`` and ``interpolations`` (question 2.7), a 5x5 grid every
---save_interval batches in ``intervals/``, and ``metrics.json`` with the sample measures of
-``evaluation`` during training (against a fixed subset of the training images, for choosing
-settings) and at the end (against the test set).
+The template's MLPs (Goodfellow et al., 2014) on all 60,000 training images scaled to [-1, 1], D
+trained by binary cross-entropy, G by the non-saturating loss, both with Adam; what DEFAULT adds is
+in the comments of ``Settings``. Outputs in --out: the figures of FIGURES (PNG + PDF), a 5x5 grid
+every save_interval batches in ``intervals/``, and ``metrics.json`` with the sample measures of
+``evaluation`` during training (against training images) and at the end (against the test set).
 """
 
 import copy
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.utils import save_image
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm import tqdm
 
-import common
 import evaluation
+import harness
 from datasets.mnist import mnist_gan
 from evaluation.classifier import load_classifier
 
-# Our training, and the course template's, which --template restores.
-OURS = {"batch_size": 128, "lr": 4e-4, "r1_gamma": 0.3, "r1_interval": 8, "ema_decay": 0.999,
-        "lr_decay_start": 0.5}
-TEMPLATE = {"batch_size": 64, "lr": 2e-4, "r1_gamma": 0.0, "r1_interval": 1, "ema_decay": None,
-            "lr_decay_start": 1.0}
+N_PIXELS = 28 * 28
+EVALUATION_SAMPLES = 10_000  # samples scored by evaluation.evaluate_samples
+BN_BATCHES = 200  # batches of z over which the weight average's BatchNorm statistics are measured
 PROGRESS_EPOCHS = (1, 5, 10, 25, 50, 100, 150)  # plus halfway and the last: the measures' curve
 INTERPOLATION_PAIRS = ((1, 7), (3, 8), (0, 6), (4, 9), (2, 5), (5, 3))
+FIGURES = {name: name for name in ("samples_start", "samples_halfway", "samples_end", "losses",
+                                   "interpolation", "interpolations", "memorisation")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    epochs: int = 200  # passes over the training images (the template's --n_epochs)
+    latent_dim: int = 100  # dimension of z ~ N(0, I) (the template's --latent_dim)
+    batch_size: int = 128  # the template's 64 at twice the learning rate: the same samples in fewer steps
+    lr: float = 4e-4  # Adam's learning rate of both networks (the template's 2e-4)
+    adam_beta1: float = 0.5  # Adam's first-moment decay, lowered from 0.9 as in DCGAN (Radford et al., 2016)
+    adam_beta2: float = 0.999  # Adam's second-moment decay, its default
+    # R1 penalty (gamma / 2) E ||grad_x D_logit(x)||^2 on real images (Mescheder et al., 2018); 0: none
+    r1_gamma: float = 0.3
+    # lazy regularisation (Karras et al., 2020): the penalty, weighted k times, on every k-th batch only
+    r1_interval: int = 8
+    # samples from an exponential moving average of G's weights (Yazici et al., 2019) with this decay,
+    # its BatchNorm statistics measured afresh (precise BN, Wu & Johnson, 2021); None: from G itself
+    ema_decay: float | None = 0.999
+    # the fraction of training after which both learning rates decay linearly towards 0; 1.0: constant
+    lr_decay_start: float = 0.5
+    save_interval: int = 500  # a 5x5 grid of samples every this many batches (the template's)
+
+
+DEFAULT = Settings()
+TEMPLATE = Settings(batch_size=64, lr=2e-4, r1_gamma=0.0, r1_interval=1, ema_decay=None, lr_decay_start=1.0)
 
 
 # ---------------------------------------------------------------- model
@@ -59,7 +72,7 @@ class Generator(nn.Module):
             nn.Linear(128, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2),
             nn.Linear(256, 512), nn.BatchNorm1d(512), nn.LeakyReLU(0.2),
             nn.Linear(512, 1024), nn.BatchNorm1d(1024), nn.LeakyReLU(0.2),
-            nn.Linear(1024, 784), nn.Tanh(),
+            nn.Linear(1024, N_PIXELS), nn.Tanh(),
         )
 
     def forward(self, z):
@@ -72,14 +85,14 @@ class Discriminator(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(784, 512), nn.LeakyReLU(0.2),
+            nn.Linear(N_PIXELS, 512), nn.LeakyReLU(0.2),
             nn.Linear(512, 256), nn.LeakyReLU(0.2),
             nn.Linear(256, 1),
         )
 
     def logits(self, img):
         """The logit l of D(x) = sigmoid(l): what the losses use, so that log D is a log-sigmoid."""
-        return self.net(img.reshape(len(img), 784)).squeeze(1)
+        return self.net(img.reshape(len(img), N_PIXELS)).squeeze(1)
 
     def forward(self, img):
         return torch.sigmoid(self.logits(img))
@@ -93,119 +106,135 @@ def discriminator_loss(real_logits, fake_logits):
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
-def r1_penalty(real, real_logits):
-    """R1 = E_x ||grad_x D_logit(x)||^2 on real images (Mescheder et al., 2018): it flattens D's
-    surface around the data, so D cannot keep sharpening against G, which otherwise degrades the
-    samples late in training. ``real`` must have required grad before ``real_logits``."""
-    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-    return grad.square().sum(1).mean()
-
-
 def generator_loss(fake_logits):
     """The non-saturating loss -log D(G(z)) (question 2.4): strong gradients when D rejects the fakes
     early on, where the minimax loss log(1 - D(G(z))) saturates."""
     return F.softplus(-fake_logits).mean()
 
 
+def r1_penalty(real, real_logits):
+    """R1 = E_x ||grad_x D_logit(x)||^2 on real images (Mescheder et al., 2018): it flattens
+    D's surface around the data, so D cannot keep sharpening against G. ``real`` must have required
+    grad before ``real_logits`` were computed."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.square().sum(1).mean()
+
+
 # ---------------------------------------------------------------- training
 
-@torch.no_grad()
-def update_average(average, generator, decay):
-    """average <- decay * average + (1 - decay) * generator, weight by weight; BatchNorm statistics
-    are copied, as they already are running averages."""
-    torch._foreach_lerp_(list(average.parameters()), list(generator.parameters()), 1 - decay)
-    torch._foreach_copy_(list(average.buffers()), list(generator.buffers()))
+def get_lr(step, steps_per_epoch, settings):
+    """Both networks' learning rate at global ``step`` (from 0): settings.lr until the fraction
+    lr_decay_start of the epochs, then decaying linearly, epoch by epoch, to lr / (epochs decayed)."""
+    epoch = step // steps_per_epoch + 1
+    decay_epochs = max(1, settings.epochs - int(settings.lr_decay_start * settings.epochs))
+    return settings.lr * min(1.0, (settings.epochs - epoch + 1) / decay_epochs)
 
 
-def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, epoch=1,
-          save_interval=None, interval_dir=None, fixed_z=None, average=None, ema_decay=0.999,
-          r1_gamma=0.0, r1_interval=1):
-    """One epoch over ``dataloader``; returns the mean D and G losses and mean D(x), D(G(z)).
+def weight_average(generator, decay):
+    """The moving average of G's weights, average <- decay * average + (1 - decay) * G after every G
+    step (Yazici et al., 2019), starting at G's weights; BatchNorm buffers are copied from G
+    (use_buffers=False), as they are running averages already."""
+    average = AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    average.update_parameters(generator)  # the first update copies: the next one already averages
+    return average
 
-    ``average``, if given, is a copy of the generator that tracks the moving average of its weights.
-    ``r1_gamma`` > 0 adds the R1 penalty (gamma / 2) * R1 to the discriminator's loss, and so to the
-    mean D loss returned. With ``r1_interval`` k > 1 it is lazy (Karras et al., 2020): the penalty,
-    weighted k times, is added on every k-th batch only, which saves most of its double backward.
-    Every ``save_interval`` batches (counted over the whole run) a 5x5 grid of the average (or the
-    generator) at ``fixed_z`` goes to ``interval_dir``.
-    """
+
+def train(dataloader, discriminator, generator, optimizer_G, optimizer_D, *, settings, epoch=1,
+          average=None, fixed_z=None, interval_dir=None, precision="fp32"):
+    """One epoch (counted from 1); returns the batch means of both losses (D's with R1), D(x) and
+    D(G(z)). ``average`` follows G; a grid of it (or G) at ``fixed_z`` goes to ``interval_dir``."""
     device = next(generator.parameters()).device
     generator.train()
     discriminator.train()
     totals = torch.zeros(4, device=device)
-    for i, (imgs, _) in enumerate(tqdm(dataloader, desc=f"epoch {epoch}", leave=False, disable=None)):
-        real = imgs.to(device, non_blocking=True).reshape(len(imgs), 784)
-        z = torch.randn(len(real), generator.latent_dim, device=device)
-        gen_imgs = generator(z)
+    with harness.matmul_precision(precision):
+        for i, (imgs, _) in enumerate(tqdm(dataloader, desc=f"epoch {epoch}", leave=False, disable=None)):
+            batches_done = (epoch - 1) * len(dataloader) + i
+            for group in (*optimizer_G.param_groups, *optimizer_D.param_groups):
+                group["lr"] = get_lr(batches_done, len(dataloader), settings)
+            real = imgs.to(device, non_blocking=True).reshape(len(imgs), N_PIXELS)
+            z = torch.randn(len(real), generator.latent_dim, device=device)
+            gen_imgs = generator(z)
 
-        # ---- Generator step: minimise -log D(G(z)), i.e. make D call the fakes real. D is frozen,
-        # so the backward pass skips the gradients of its weights, which this step would discard.
-        discriminator.requires_grad_(False)
-        fake_logits = discriminator.logits(gen_imgs)
-        loss_g = generator_loss(fake_logits)
-        optimizer_G.zero_grad(set_to_none=True)
-        loss_g.backward()
-        optimizer_G.step()
-        discriminator.requires_grad_(True)
-        if average is not None:
-            update_average(average, generator, ema_decay)
+            # ----------------------------------------------------------------------------------
+            #  Train Generator: minimise -log D(G(z)), D frozen (its gradients would be discarded)
+            # ----------------------------------------------------------------------------------
+            discriminator.requires_grad_(False)
+            fake_logits = discriminator.logits(gen_imgs)
+            loss_g = generator_loss(fake_logits)
+            optimizer_G.zero_grad(set_to_none=True)
+            loss_g.backward()
+            optimizer_G.step()
+            discriminator.requires_grad_(True)
+            if average is not None:
+                average.update_parameters(generator)
 
-        # ---- Discriminator step: minimise -[log D(x) + log(1 - D(G(z)))] (+ R1), on the same fakes,
-        # detached so that no gradient reaches G. D has no batch norm, so one pass over real and fake
-        # images together gives the logits of two passes.
-        regularize = r1_gamma > 0 and i % r1_interval == 0
-        real.requires_grad_(regularize)
-        real_logits, fake_logits = discriminator.logits(torch.cat([real, gen_imgs.detach()])).chunk(2)
-        loss_d = discriminator_loss(real_logits, fake_logits)
-        if regularize:
-            loss_d = loss_d + r1_gamma * r1_interval / 2 * r1_penalty(real, real_logits)
-        optimizer_D.zero_grad(set_to_none=True)
-        loss_d.backward()
-        optimizer_D.step()
+            # ----------------------------------------------------------------------------------
+            #  Train Discriminator: minimise -log D(x) - log(1 - D(G(z))) + (gamma / 2) R1 on the
+            #  same fakes, detached; one pass over both (D has no BatchNorm); lazy R1 every k-th batch
+            # ----------------------------------------------------------------------------------
+            regularize = settings.r1_gamma > 0 and i % settings.r1_interval == 0
+            real.requires_grad_(regularize)
+            real_logits, fake_logits = discriminator.logits(torch.cat([real, gen_imgs.detach()])).chunk(2)
+            loss_d = discriminator_loss(real_logits, fake_logits)
+            if regularize:
+                loss_d = loss_d + settings.r1_gamma * settings.r1_interval / 2 * r1_penalty(real, real_logits)
+            optimizer_D.zero_grad(set_to_none=True)
+            loss_d.backward()
+            optimizer_D.step()
 
-        with torch.no_grad():
-            totals += torch.stack([loss_d, loss_g, torch.sigmoid(real_logits).mean(),
-                                   torch.sigmoid(fake_logits).mean()])
-        batches_done = (epoch - 1) * len(dataloader) + i
-        if save_interval and batches_done % save_interval == 0:
-            save_samples_png(average or generator, fixed_z,
-                             interval_dir / f"batch_{batches_done:06d}.png")
-    totals = (totals / len(dataloader)).tolist()
-    common.check_finite(torch.tensor(totals[:2]).sum(), f"epoch {epoch}")
-    return dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), totals, strict=True))
+            with torch.no_grad():
+                totals += torch.stack([loss_d, loss_g, torch.sigmoid(real_logits).mean(),
+                                       torch.sigmoid(fake_logits).mean()])
+            # ---- Save Images (every save_interval batches, counted over the run)
+            if interval_dir is not None and batches_done % settings.save_interval == 0:
+                harness.save_image_grid(generate(average.module if average else generator, fixed_z),
+                                        interval_dir / f"batch_{batches_done:06d}", nrow=5)
+    means = (totals / len(dataloader)).tolist()
+    harness.check_finite(torch.tensor(means[:2]).sum(), f"epoch {epoch}")
+    return dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), means, strict=True))
 
 
-def get_lr(epoch, n_epochs, lr, decay_start):
-    """Both networks' learning rate in ``epoch`` (counted from 1): ``lr`` until the fraction
-    ``decay_start`` of training, then decaying linearly to lr / (epochs left) in the last epoch."""
-    decay_epochs = max(1, n_epochs - int(decay_start * n_epochs))
-    return lr * min(1.0, (n_epochs - epoch + 1) / decay_epochs)
+def refresh_batchnorm(average, batch_size):
+    """Precise BatchNorm (Wu & Johnson, 2021): the average's running statistics reset, then averaged
+    with equal weight over BN_BATCHES seeded batches of z. Otherwise sampling would use the statistics
+    G measured under its own weights, and with momentum 0.1 mostly over its last ten batches."""
+    seeded = torch.Generator().manual_seed(0)
+    z = torch.randn(BN_BATCHES, batch_size, average.module.latent_dim, generator=seeded)
+    update_bn(z, average, device=next(average.parameters()).device)
+
+
+def train_epochs(run, settings, dataloader, generator, discriminator, average):
+    """The epoch loop, resumable: ``train`` once per epoch; the sampler's weights are kept at the
+    progress epochs for ``evaluate_progress``. Returns {"fixed_z", "snapshots"}."""
+    optimizer_G, optimizer_D = (torch.optim.Adam(net.parameters(), lr=settings.lr, fused=True,
+                                                 betas=(settings.adam_beta1, settings.adam_beta2))
+                                for net in (generator, discriminator))
+    sampler = average.module if average else generator
+    stateful = {"generator": generator, "discriminator": discriminator, "optimizer_G": optimizer_G,
+                "optimizer_D": optimizer_D, **({"generator_average": sampler} if average else {})}
+    extra = {"fixed_z": torch.randn(25, settings.latent_dim, device=run.device), "snapshots": {}}
+    extra |= run.restore(**stateful)
+    if run.is_new:
+        harness.save_image_grid(generate(sampler, extra["fixed_z"]), run.out / "samples_start", nrow=5)
+    halfway = settings.epochs // 2
+    for epoch in run.epochs(settings.epochs):
+        with run.timed(len(dataloader.dataset)):
+            stats = train(dataloader, discriminator, generator, optimizer_G, optimizer_D, settings=settings,
+                          epoch=epoch, average=average, fixed_z=extra["fixed_z"],
+                          interval_dir=run.out / "intervals", precision=run.precision)
+        run.record(**stats)
+        if epoch in PROGRESS_EPOCHS or epoch in (halfway, settings.epochs):
+            if average is not None:
+                refresh_batchnorm(average, settings.batch_size)
+            extra["snapshots"][epoch] = copy.deepcopy(sampler.state_dict())
+        if epoch == halfway:
+            harness.save_image_grid(generate(sampler, extra["fixed_z"]), run.out / "samples_halfway", nrow=5)
+        run.save(extra, **stateful)
+    return extra
 
 
 # ---------------------------------------------------------------- sampling, interpolation, plots
-
-@torch.no_grad()
-def recompute_batchnorm(generator, n_batches=200, batch_size=64, seed=0):
-    """Precise BatchNorm (Wu & Johnson, 2021): the running statistics, reset and then averaged with
-    equal weight over ``n_batches`` batches of fresh z. Otherwise sampling would use the statistics
-    G measured under its own weights, not the average's, and with momentum 0.1 mostly over its last
-    ten batches."""
-    device = next(generator.parameters()).device
-    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    was_training = generator.training
-    generator.train()
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average
-    z = torch.randn(n_batches, batch_size, generator.latent_dim,
-                    generator=torch.Generator().manual_seed(seed))
-    for batch in z:
-        generator(batch.to(device))
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
-    generator.train(was_training)
-
 
 @torch.inference_mode()
 def generate(generator, z):
@@ -224,11 +253,6 @@ def sample_images(generator, n, seed=0):
     return torch.cat([generate(generator, chunk.to(device)) for chunk in z.split(1000)])
 
 
-def save_samples_png(generator, z, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(generate(generator, z).reshape(-1, 1, 28, 28), path, nrow=5, padding=2, pad_value=1.0)
-
-
 def interpolate(z_start, z_end, steps=7):
     """``steps`` latent vectors evenly between the two ends, with both ends: [steps + 2, latent_dim]."""
     weights = torch.linspace(0, 1, steps + 2, device=z_start.device)[:, None]
@@ -239,8 +263,8 @@ def find_digit_pairs(generator, classifier, pairs=INTERPOLATION_PAIRS, n_candida
     """For each digit pair (a, b), the latent vectors among ``n_candidates`` whose samples the
     classifier finds most surely an a and a b. Returns (z_a, z_b, a, b, p_a, p_b) per pair."""
     device = next(generator.parameters()).device
-    z = torch.randn(n_candidates, generator.latent_dim,
-                    generator=torch.Generator().manual_seed(seed)).to(device)
+    seeded = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_candidates, generator.latent_dim, generator=seeded).to(device)
     with torch.inference_mode():
         probs = torch.softmax(classifier(generate(generator, z).to(device)), dim=1)
     confidence, best = probs.max(0)
@@ -252,8 +276,8 @@ def save_interpolations(generator, classifier, out):
     pairs = find_digit_pairs(generator, classifier)
     rows = [generate(generator, interpolate(z_a, z_b)) for z_a, z_b, *_ in pairs]
     labels = [f"{a}→{b}" for _, _, a, b, _, _ in pairs]
-    common.save_image_grid(rows[0], out / "interpolation", nrow=9, width=4.5)
-    common.save_image_grid(torch.cat(rows), out / "interpolations", nrow=9, row_labels=labels, width=4.5)
+    harness.save_image_grid(rows[0], out / "interpolation", nrow=9, width=4.5)
+    harness.save_image_grid(torch.cat(rows), out / "interpolations", nrow=9, row_labels=labels, width=4.5)
     return [{"digits": [a, b], "classifier_confidence": [p_a, p_b]} for _, _, a, b, p_a, p_b in pairs]
 
 
@@ -274,104 +298,96 @@ def save_loss_plot(curves, stem, r1_gamma=0.0):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below the axes, off the curves
-    common.save_figure(fig, stem)
+    harness.save_figure(fig, stem)
 
 
-# ---------------------------------------------------------------- evaluation of the trained model
+# ---------------------------------------------------------------- evaluation
 
 def evaluate_progress(generator, snapshots, classifier, run):
-    """The sample measures of the generator kept at each progress epoch, against the selection
+    """The sample measures of the sampler kept at each progress epoch, against the selection
     reference (training images), never the test set: this curve is what settings are chosen by."""
     progress = []
     current = copy.deepcopy(generator.state_dict())
     for epoch, state in sorted(snapshots.items()):
         generator.load_state_dict(state)
-        row = evaluation.evaluate_samples(sample_images(generator, 10_000), root=run.data_root,
+        row = evaluation.evaluate_samples(sample_images(generator, EVALUATION_SAMPLES), root=run.data_root,
                                           device=run.device, classifier=classifier, reference="selection")
-        run.log(f"epoch {epoch}: FID {row['fid']:.2f} against the selection reference, "
-                f"score {row['score']:.2f}")
+        run.log(f"epoch {epoch}: FID {row['fid']:.2f}, score {row['score']:.2f} (selection reference)")
         progress.append({"epoch": epoch, **row})
     generator.load_state_dict(current)
     return progress
 
 
+def milestones(settings):
+    """halfway (the samples_halfway epoch) and lr_decay_start, the first epoch of a lower learning
+    rate, if any (get_lr at one step per epoch: step e - 1 is epoch e)."""
+    decayed = [e for e in range(1, settings.epochs + 1) if get_lr(e - 1, 1, settings) < settings.lr]
+    return {"halfway": settings.epochs // 2, **({"lr_decay_start": decayed[0]} if decayed else {})}
+
+
 def load_sampler(checkpoint_path, device="cpu"):
     """``sample(n, seed=0)`` -> [n, 784] images in [0, 1] from the generator the run samples from
-    (the weight average, unless the run trained with --template)."""
-    saved = common.load_checkpoint(checkpoint_path, device)
-    generator = Generator(saved["args"]["latent_dim"]).to(device)
+    (the weight average, unless the run had ema_decay None)."""
+    saved = harness.load_checkpoint(checkpoint_path, device)
+    generator = Generator(Settings(**saved["settings"]).latent_dim).to(device)
     generator.load_state_dict(saved["state"].get("generator_average") or saved["state"]["generator"])
     return lambda n, seed=0: sample_images(generator, n, seed)
 
 
 # ---------------------------------------------------------------- main
 
+# The template's flags: each sets a field of Settings as --set does (a --set of the field wins).
+TEMPLATE_FLAGS = {"n_epochs": ("epochs", harness.positive_int),
+                  "batch_size": ("batch_size", harness.positive_int),
+                  "lr": ("lr", harness.positive_float),
+                  "latent_dim": ("latent_dim", harness.positive_int),
+                  "save_interval": ("save_interval", harness.positive_int)}
+
+
 def parse_args(argv=None):
-    parser = common.argument_parser(__doc__)
-    parser.add_argument("--n_epochs", type=common.positive_int, default=200,
-                        help="number of epochs (default 200)")
-    parser.add_argument("--batch_size", type=common.positive_int, default=None,
-                        help="batch size (default 128; 64 with --template)")
-    parser.add_argument("--lr", type=common.positive_float, default=None,
-                        help="Adam learning rate of both networks (default 4e-4; 2e-4 with --template)")
-    parser.add_argument("--latent_dim", type=common.positive_int, default=100,
-                        help="dimension of z (default 100)")
-    parser.add_argument("--save_interval", type=common.positive_int, default=500,
-                        help="save a 5x5 sample grid every this many batches (default 500)")
-    return common.add_run_args(parser, out="results/gan").parse_args(argv)
+    parser = harness.argument_parser(__doc__)
+    for flag, (field, kind) in TEMPLATE_FLAGS.items():
+        default, template = getattr(DEFAULT, field), getattr(TEMPLATE, field)
+        parser.add_argument(f"--{flag}", type=kind, help=f"sets {field} (default {default}"
+                            + (f", {template} with --template)" if template != default else ")"))
+    args = harness.add_run_args(parser, out="results/gan").parse_args(argv)
+    args.overrides = [f"{field}={getattr(args, flag)}" for flag, (field, _) in TEMPLATE_FLAGS.items()
+                      if getattr(args, flag) is not None] + args.overrides
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    run = common.Run(args)
-    setting = {**(TEMPLATE if args.template else OURS),
-               **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}}
-    dataloader = mnist_gan(run.data_root, batch_size=setting["batch_size"])
-    generator = Generator(args.latent_dim).to(run.device)
-    discriminator = Discriminator().to(run.device)
-    optimizer_G, optimizer_D = (torch.optim.Adam(net.parameters(), lr=setting["lr"], betas=(0.5, 0.999),
-                                                 fused=True) for net in (generator, discriminator))
-    average = copy.deepcopy(generator) if setting["ema_decay"] else None
-    sampler = average or generator  # what samples come from
-    networks = {"generator": generator, "discriminator": discriminator, "optimizer_G": optimizer_G,
-                "optimizer_D": optimizer_D, **({"generator_average": average} if average else {})}
-    fixed_z = torch.randn(25, args.latent_dim, device=run.device)
-    extra = run.restore(**networks)
-    fixed_z, snapshots = extra.get("fixed_z", fixed_z), extra.get("snapshots", {})
-    if run.epoch == 0:
-        common.save_image_grid(generate(sampler, fixed_z), run.out / "samples_start", nrow=5)
+    settings = harness.settings.resolve(args, DEFAULT, TEMPLATE)
+    harness.settings.positive(settings, "epochs", "latent_dim", "batch_size", "lr", "r1_interval",
+                              "save_interval")
+    run = harness.Run(args, settings)
+    dataloader = mnist_gan(run.data_root, batch_size=settings.batch_size)
+    generator, discriminator = Generator(settings.latent_dim).to(run.device), Discriminator().to(run.device)
+    average = None if settings.ema_decay is None else weight_average(generator, settings.ema_decay)
+    sampler = average.module if average else generator  # what samples come from
+    sampling = {"generator_average" if average else "generator": sampler}
 
-    halfway = args.n_epochs // 2
-    for epoch in run.epochs(args.n_epochs):
-        lr = get_lr(epoch, args.n_epochs, setting["lr"], setting["lr_decay_start"])
-        for group in (*optimizer_G.param_groups, *optimizer_D.param_groups):
-            group["lr"] = lr
-        with run.timed(len(dataloader.dataset)), common.training_precision():
-            stats = train(dataloader, discriminator, generator, optimizer_G, optimizer_D, epoch=epoch,
-                          save_interval=args.save_interval, interval_dir=run.out / "intervals",
-                          fixed_z=fixed_z, average=average, ema_decay=setting["ema_decay"],
-                          r1_gamma=setting["r1_gamma"], r1_interval=setting["r1_interval"])
-        run.record(**stats)
-        if epoch in PROGRESS_EPOCHS or epoch in (halfway, args.n_epochs):
-            if average is not None:
-                recompute_batchnorm(average, batch_size=setting["batch_size"])
-            snapshots[epoch] = copy.deepcopy(sampler.state_dict())
-        if epoch == halfway:
-            common.save_image_grid(generate(sampler, fixed_z), run.out / "samples_halfway", nrow=5)
-        run.save({"fixed_z": fixed_z, "snapshots": snapshots}, **networks)
+    if args.from_weights:
+        extra = run.load_weights(**sampling)  # fixed_z; the progress snapshots live in the checkpoint only
+    else:
+        extra = train_epochs(run, settings, dataloader, generator, discriminator, average)
 
-    common.save_image_grid(generate(sampler, fixed_z), run.out / "samples_end", nrow=5)
-    save_loss_plot(run.curves, run.out / "losses", setting["r1_gamma"])
+    harness.save_image_grid(generate(sampler, extra["fixed_z"]), run.out / "samples_end", nrow=5)
+    save_loss_plot(run.curves, run.out / "losses", settings.r1_gamma)
     classifier = load_classifier(run.device)
-    final = evaluation.evaluate_samples(sample_images(sampler, 10_000), root=run.data_root,
+    digits = save_interpolations(sampler, classifier, run.out)
+    progress = evaluate_progress(sampler, extra.get("snapshots", {}), classifier, run)
+    final = evaluation.evaluate_samples(sample_images(sampler, EVALUATION_SAMPLES), root=run.data_root,
                                         device=run.device, classifier=classifier, out=run.out)
     run.log(f"test: FID {final['fid']:.2f}, score {final['score']:.2f}, Parzen {final['parzen_ll']:.1f}")
-    run.finish(nn.ModuleList([generator, discriminator]), setting=setting,
-               weights={"generator_average" if average else "generator": sampler, "fixed_z": fixed_z},
-               n_params_generator=sum(p.numel() for p in generator.parameters()),
-               interpolation_digits=save_interpolations(sampler, classifier, run.out),
-               progress=evaluate_progress(sampler, snapshots, classifier, run), evaluation=final)
+    results = {"n_params_generator": sum(p.numel() for p in generator.parameters()),
+               "interpolation_digits": digits, "progress": progress, "evaluation": final}
+    weights = {**sampling, "fixed_z": extra["fixed_z"]}
+    marks = milestones(settings)
+    run.finish(nn.ModuleList([generator, discriminator]), results, weights=weights, milestones=marks,
+               figures=FIGURES)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    harness.cli(main)

@@ -19,9 +19,9 @@ import torch
 # Run as a script from anywhere: the project's packages live one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # noqa: E402
 from datasets.bmnist import bmnist  # noqa: E402
 from datasets.mnist import N_TRAIN, mnist, mnist_gan  # noqa: E402
+from harness import run as harness_run  # noqa: E402
 
 
 def flatten_bytes(image):
@@ -77,14 +77,14 @@ def images_per_second(loader, seconds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_root", type=common.existing_dir, default=common.DEFAULT_DATA_ROOT,
+    parser.add_argument("--data_root", type=harness_run.existing_dir, default=harness_run.DEFAULT_DATA_ROOT,
                         help="folder holding MNIST/raw")
-    parser.add_argument("--seconds", type=common.positive_float, default=5.0,
+    parser.add_argument("--seconds", type=harness_run.positive_float, default=5.0,
                         help="how long to iterate each loader")
-    parser.add_argument("--batch_size", type=common.positive_int, default=128)
+    parser.add_argument("--batch_size", type=harness_run.positive_int, default=128)
     args = parser.parse_args()
     root, batch = args.data_root, args.batch_size
-    common.seed_everything(0)
+    harness_run.seed_everything(0)
 
     candidates = [
         ("mnist train (random translation)", lambda: mnist(root, batch)[0]),

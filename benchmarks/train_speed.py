@@ -14,10 +14,10 @@ median images/s, and ours its ratio to the template's.
   generator step also computes D's weight gradients and whose D step runs D twice, on real and on
   fake images; the flow at batch 128.
 - Ours: the scripts' training functions (``vae.epoch_iter``, ``gan.train``, ``nf.epoch_iter``) on
-  the in-memory loaders of ``datasets`` with each script's ``OURS`` settings (networks, batch sizes,
-  R1 and weight average, clipping), fused Adam, and the precision ``--precision auto`` picks, set by
-  ``common.training_precision()`` as in training. When that is bf16, ours also runs in fp32 (column
-  "ours fp32"): the ratio is what bf16 gains on this CPU.
+  the in-memory loaders of ``datasets`` with each script's ``DEFAULT`` settings (networks, batch sizes,
+  R1 and weight average, clipping, schedules), fused Adam, and the precision ``--precision auto``
+  picks, entered with ``harness.matmul_precision`` as in training. When that is bf16, ours also runs
+  in fp32 (column "ours fp32"): the ratio is what bf16 gains on this CPU.
 
 Precision, one mechanism, decided by measurement: oneDNN may compute fp32 matmuls with their inputs
 rounded to bf16 (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). On an Intel Xeon with
@@ -25,7 +25,7 @@ AMX units that ran a 2048^2 ``torch.mm`` about 6x as fast as fp32; on an AMD EPY
 BF16 but no AMX, oneDNN kept fp32 kernels in that mode (its results deviated from fp32 by 1e-6, not
 the 1e-3 of bf16 rounding), so it rounds nothing there; on an AVX2 CPU it emulates bf16 at about
 1 GFLOP/s. So ``auto`` is bf16 only with AMX
-(``common.has_amx``). The matmul rows give this CPU's rate of square ``torch.mm`` in fp32 and in
+(``harness.run.has_amx``). The matmul rows give this CPU's rate of square ``torch.mm`` in fp32 and in
 the bf16 mode, and the mode's deviation from fp32, which shows whether it rounds at all; the mode is
 not timed on CPUs with neither AMX nor AVX-512 BF16.
 
@@ -33,8 +33,6 @@ Results and the machine's facts go to <out>/benchmark.md and <out>/benchmark.jso
 """
 
 import argparse
-import contextlib
-import copy
 import itertools
 import os
 import statistics
@@ -51,9 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import a3_gan_template as gan  # noqa: E402
 import a3_nf_template as nf  # noqa: E402
 import a3_vae_template as vae  # noqa: E402
-import common  # noqa: E402
 from benchmarks.loaders import template_loader, torchvision_loader  # noqa: E402
 from datasets import bmnist, mnist  # noqa: E402
+from harness import matmul_precision  # noqa: E402
+from harness import run as harness_run  # noqa: E402
+from harness.files import atomic_write, write_json  # noqa: E402
 
 STEPS = {"vae": 200, "gan": 160, "nf": 20}  # timed steps per round: 30-60 s per model on two cores
 WARMUP = 5  # untimed steps before each timing; they also use up what the template's workers prefetched
@@ -63,18 +63,6 @@ BF16_FAST = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supp
 SKIPPED = ("bf16 mode not timed: this CPU has neither AMX nor AVX-512 BF16, so oneDNN would emulate bf16 "
            "(about 1 GFLOP/s on an AVX2 CPU).")
 NO_AMX = "Without AMX units the scripts train in fp32 (`--precision auto`), so ours is timed in fp32."
-
-
-@contextlib.contextmanager
-def precision(name):
-    """``common.training_precision()`` in ``name``. It reads the module global that ``common.Run``
-    sets, and there is no public setter, so this sets that global for the duration."""
-    saved, common._training_precision = common._training_precision, name
-    try:
-        with common.training_precision():
-            yield
-    finally:
-        common._training_precision = saved
 
 
 def endless(loader):
@@ -115,22 +103,26 @@ def adam_step(optimizer, loss):
 
 def vae_ways(root):
     """((batch size, loader, train(batches)) of the template's way, the same of ours)."""
-    model = vae.VAE(hidden_layers=vae.TEMPLATE["hidden_layers"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=vae.LEARNING_RATE)
-    loader = torchvision_loader(root, [transforms.ToTensor(), torch.bernoulli], vae.BATCH_SIZE, WORKERS,
+    template, s = vae.TEMPLATE, vae.DEFAULT
+    model = vae.VAE.from_settings(template)
+    optimizer = torch.optim.Adam(model.parameters(), lr=template.lr)
+    loader = torchvision_loader(root, [transforms.ToTensor(), torch.bernoulli], template.batch_size, WORKERS,
                                 bmnist.N_TRAIN)
-    ours = vae.VAE(hidden_layers=vae.OURS["hidden_layers"])
-    ours_optimizer = torch.optim.Adam(ours.parameters(), lr=vae.LEARNING_RATE, fused=True)
-    kl_weight = vae.kl_weights(1, vae.OURS["warmup_epochs"])
-    train = bmnist.bmnist(root, vae.BATCH_SIZE, dynamic=vae.OURS["dynamic_binarization"])[0]
-    return ((vae.BATCH_SIZE, loader, template_loop(lambda x: [adam_step(optimizer, model(x))])),
-            (vae.BATCH_SIZE, train, lambda b: vae.epoch_iter(ours, b, ours_optimizer, kl_weight)))
+    ours = vae.VAE.from_settings(s)
+    ours_optimizer = torch.optim.Adam(ours.parameters(), lr=s.lr, fused=True)
+    train = bmnist.bmnist(root, s.batch_size, dynamic=s.dynamic_binarization)[0]
+
+    def ours_train(batches):
+        ours.train()
+        vae.epoch_iter(ours, batches, ours_optimizer, s)
+    return ((template.batch_size, loader, template_loop(lambda x: [adam_step(optimizer, model(x))])),
+            (s.batch_size, train, ours_train))
 
 
-def gan_networks(setting, fused):
-    g, d = gan.Generator(), gan.Discriminator()
-    return g, d, *(torch.optim.Adam(net.parameters(), lr=setting["lr"], betas=(0.5, 0.999), fused=fused)
-                   for net in (g, d))
+def gan_networks(settings, fused):
+    g, d = gan.Generator(settings.latent_dim), gan.Discriminator()
+    return g, d, *(torch.optim.Adam(net.parameters(), lr=settings.lr, fused=fused,
+                                    betas=(settings.adam_beta1, settings.adam_beta2)) for net in (g, d))
 
 
 def gan_ways(root):
@@ -142,28 +134,24 @@ def gan_ways(root):
         loss_g = adam_step(opt_g, gan.generator_loss(d.logits(fake)))  # fills D's .grad too, unused
         return [loss_g, adam_step(opt_d, gan.discriminator_loss(d.logits(real), d.logits(fake.detach())))]
 
-    batch, s = gan.TEMPLATE["batch_size"], gan.OURS
+    batch, s = gan.TEMPLATE.batch_size, gan.DEFAULT
     loader = torchvision_loader(root, [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))], batch,
                                 WORKERS)
     og, od, ours_g, ours_d = gan_networks(s, fused=True)
-    average = copy.deepcopy(og)  # the weight average main() keeps
-    train = lambda b: gan.train(b, od, og, ours_g, ours_d, average=average, ema_decay=s["ema_decay"],
-                                r1_gamma=s["r1_gamma"], r1_interval=s["r1_interval"])
-    return (batch, loader, template_loop(step)), (s["batch_size"], mnist.mnist_gan(root, s["batch_size"]),
-                                                  train)
+    average = gan.weight_average(og, s.ema_decay)  # the weight average main() keeps
+    train = lambda b: gan.train(b, od, og, ours_g, ours_d, settings=s, average=average)
+    return (batch, loader, template_loop(step)), (s.batch_size, mnist.mnist_gan(root, s.batch_size), train)
 
 
 def nf_ways(root):
-    model, batch, s = nf.Model([nf.N_PIXELS]), nf.TEMPLATE["batch_size"], nf.OURS
-    optimizer = torch.optim.Adam(model.parameters(), lr=nf.TEMPLATE["lr"])
+    model, batch, s = nf.Model([nf.N_PIXELS]), nf.TEMPLATE.batch_size, nf.DEFAULT
+    optimizer = torch.optim.Adam(model.parameters(), lr=nf.TEMPLATE.lr)
     step = lambda x: [adam_step(optimizer, nf.bits_per_dim(model(x)).mean())]
     ours = nf.Model([nf.N_PIXELS])
-    ours_optimizer = torch.optim.Adam(ours.parameters(), lr=s["lr"], fused=True)
-    train = mnist.mnist(root, s["batch_size"])[0]
-    total = nf.parse_args([]).epochs * len(train)
-    lr_at = lambda i: nf.get_lr(i, total, s, len(train))
+    ours_optimizer = torch.optim.Adam(ours.parameters(), lr=s.lr, fused=True)
+    train = mnist.mnist(root, s.batch_size)[0]
     return ((batch, template_loader(root, batch, WORKERS), template_loop(step)),
-            (s["batch_size"], train, lambda b: nf.epoch_iter(ours, b, ours_optimizer, lr_at, s["clip"])))
+            (s.batch_size, train, lambda b: nf.epoch_iter(ours, b, ours_optimizer, s)))
 
 
 MODELS = {"vae": ("VAE", vae_ways), "gan": ("GAN", gan_ways), "nf": ("flow", nf_ways)}
@@ -179,7 +167,7 @@ def measure_model(build, root, steps, rounds, auto):
     rates = {name: [] for name in columns}
     for _ in range(rounds):
         for name, (stream, train, mode) in columns.items():
-            with precision(mode):
+            with matmul_precision(mode):
                 train(Batches(stream, min(WARMUP, steps)))
                 timed, start = Batches(stream, steps), time.perf_counter()
                 train(timed)
@@ -196,7 +184,7 @@ def matmul_rate(size, mode):
     computes in fp32, about 1e-3 when it rounds the inputs to bf16 (8 significant bits)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     exact = torch.mm(a, b)
-    with precision(mode):
+    with matmul_precision(mode):
         deviation = ((torch.mm(a, b) - exact).abs().max() / exact.abs().max()).item()
         times = []
         for _ in range(MATMUL_REPS):
@@ -207,7 +195,7 @@ def matmul_rate(size, mode):
 
 
 def machine_facts():
-    return {"cpu": common.device_name(torch.device("cpu")), "amx": torch.cpu._is_amx_tile_supported(),
+    return {"cpu": harness_run.device_name(torch.device("cpu")), "amx": torch.cpu._is_amx_tile_supported(),
             "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "logical_cores": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0]}
@@ -243,20 +231,21 @@ def markdown(report):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=common.positive_int, default=None,
+    parser.add_argument("--steps", type=harness_run.positive_int, default=None,
                         help="timed steps per round and way, for every model (default VAE 200, GAN 160, "
                              "flow 20)")
-    parser.add_argument("--rounds", type=common.positive_int, default=3, help="rounds per way (default 3)")
+    parser.add_argument("--rounds", type=harness_run.positive_int, default=3,
+                        help="rounds per way (default 3)")
     parser.add_argument("--out", default="results", help="folder for benchmark.md and benchmark.json")
-    parser.add_argument("--data_root", type=common.existing_dir, default=common.DEFAULT_DATA_ROOT,
+    parser.add_argument("--data_root", type=harness_run.existing_dir, default=harness_run.DEFAULT_DATA_ROOT,
                         help="folder holding MNIST/raw")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    common.seed_everything(0)
-    auto = common.resolve_precision("auto", torch.device("cpu"))
+    harness_run.seed_everything(0)
+    auto = harness_run.resolve_precision("auto", torch.device("cpu"))
     report = {"command": " ".join(["train_speed.py", *(sys.argv[1:] if argv is None else argv)]),
               "started": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_facts(), "precision": auto,
               "rounds": args.rounds, "matmul": {}, "models": {}}
@@ -273,8 +262,8 @@ def main(argv=None):
         print(f"{name}: {steps} steps x {args.rounds} rounds", flush=True)
         report["models"][key] = measure_model(build, args.data_root, steps, args.rounds, auto)
     out, text = Path(args.out), markdown(report)
-    common.write_json(out / "benchmark.json", report)
-    common.atomic_write(out / "benchmark.md", lambda tmp: Path(tmp).write_text(text))
+    write_json(out / "benchmark.json", report)
+    atomic_write(out / "benchmark.md", lambda tmp: Path(tmp).write_text(text))
     print(text + f"wrote {out / 'benchmark.md'} and {out / 'benchmark.json'}")
     return report
 

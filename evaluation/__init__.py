@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from common import atomic_write, write_json
 from evaluation.classifier import load_classifier, mnist_tensors
 from evaluation.figures import save_memorisation_figure
 from evaluation.metrics import (
@@ -36,6 +35,7 @@ from evaluation.metrics import (
     precision_recall,
     select_sigma,
 )
+from harness.files import atomic_write, write_json
 
 # Bump when a measure changes meaning: cached reference rows are then recomputed.
 EVALUATION_VERSION = 2

@@ -1,17 +1,20 @@
-"""Evaluate a trained model from its checkpoint, or write the comparison table.
+"""Evaluate a trained model from its checkpoint, or check or retrain the yardstick's classifier.
 
     python -m evaluation --model gan --checkpoint results/gan/checkpoint.pt
-    python -m evaluation --table
     python -m evaluation --classifier
     python -m evaluation --train-classifier
 
 The first draws samples through the script's ``load_sampler``, scores them with
 ``evaluate_samples``, prints one line and writes evaluation.json (and the memorisation figure)
-beside the checkpoint. The second collects results/*/metrics.json and the (cached) real-data
-reference rows into results/comparison.md, results/comparison.json and the precision-recall
-figure. The third checks the committed digit classifier behind the measures and prints its test
-accuracy and SHA-256. The fourth trains a new one in its place (a few minutes): a new yardstick,
-after which every run must be scored again.
+beside the checkpoint; the tables (``python -m report.tables``) prefer it to the run's own
+evaluation when it is newer. The second checks the committed digit classifier behind the measures
+and prints its test accuracy and SHA-256. The third trains a new one in its place (a few minutes):
+a new yardstick, after which every run must be scored again. The tables of these numbers are the
+report's: ``python -m report.tables``.
+
+To evaluate another model here: its script a3_<name>_template.py provides
+``load_sampler(checkpoint_path, device)`` (a function n -> n images in [0, 1]) and <name> joins MODELS.
+A new measure belongs in ``evaluation.evaluate_samples`` (the row it returns) and in ``summary``.
 """
 
 import argparse
@@ -21,10 +24,13 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_DATA_ROOT, cli, get_device, positive_int, seed_everything, write_json
-from evaluation import evaluate_samples, reference_rows
+from evaluation import evaluate_samples
 from evaluation.classifier import load_classifier, save_classifier
-from evaluation.table import write_ablation_table, write_table
+from harness import cli, get_device, positive_int, seed_everything
+from harness.files import write_json
+from harness.run import DEFAULT_DATA_ROOT
+
+MODELS = ("vae", "gan", "nf")  # a3_<model>_template.py, each with its load_sampler
 
 
 def summary(name, evaluation):
@@ -55,17 +61,13 @@ def evaluate_checkpoint(model, checkpoint, n_samples, root, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--model", choices=["vae", "gan", "nf"], help="which script's load_sampler to use")
-    action.add_argument("--table", action="store_true",
-                        help="write results/comparison.{md,json} and results/ablations.md")
+    action.add_argument("--model", choices=MODELS, help="which script's load_sampler to use")
     action.add_argument("--classifier", action="store_true",
                         help="check the committed digit classifier and print its test accuracy")
     action.add_argument("--train-classifier", action="store_true",
                         help="train a new digit classifier in place of the committed one")
     parser.add_argument("--checkpoint", help="checkpoint of the model to evaluate (with --model)")
     parser.add_argument("--n-samples", type=positive_int, default=10_000)
-    parser.add_argument("--results", default="results",
-                        help="folder holding <run>/metrics.json (with --table)")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
@@ -78,13 +80,6 @@ def main(argv=None):
         return
     if args.train_classifier:
         save_classifier(root=args.data_root, device=device)
-        return
-    if args.table:
-        references = reference_rows(args.data_root, device, Path(args.results) / "reference.json")
-        write_table(args.results, references)
-        write_ablation_table(args.results)
-        table = Path(args.results) / "comparison.md"
-        print(table.read_text() + f"\nwrote {table}, comparison.json and ablations.md")
         return
     if args.checkpoint is None:
         parser.error("--model needs --checkpoint")

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import RunError, atomic_write, load_verified, save_weights
 from datasets.loader import TensorLoader
 from datasets.mnist import random_translate
 from datasets.raw import load_mnist_arrays
+from harness.files import RunError, atomic_write, load_verified, save_weights
 
 CLASSIFIER_PATH = Path(__file__).with_name("digit_classifier.pt")
 

@@ -4,7 +4,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common import image_grid, save_figure
+from harness.figures import image_grid, save_figure
 
 N_CLOSEST = 8  # sample / nearest-training-image pairs shown, PAIRS_PER_ROW to a row
 PAIRS_PER_ROW = 4
@@ -45,25 +45,4 @@ def save_memorisation_figure(images, train, nearest, test_distances, result, ste
     ax.tick_params(left=False, labelsize=7)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    save_figure(fig, stem)
-
-
-def save_precision_recall_figure(rows, stem):
-    """Precision (fidelity) against recall (diversity), one marker per row of the comparison; rows
-    with a standard deviation (the real-data reference) get error bars. Rows without precision
-    are left out, and no figure is drawn when none has it."""
-    rows = [row for row in rows if row.get("precision") is not None]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(3.3, 3.0), layout="constrained")
-    for row in rows:
-        ax.errorbar(row["recall"], row["precision"], xerr=row.get("recall_sd"), yerr=row.get("precision_sd"),
-                    marker="s" if row.get("reference") else "o", markersize=5, capsize=2, linestyle="none",
-                    label=row["label"])
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall (share of test images covered)")
-    ax.set_ylabel("precision (share of samples realistic)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=7)
     save_figure(fig, stem)

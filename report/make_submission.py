@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402
+from harness.files import atomic_write  # noqa: E402
 from report import make_numbers  # noqa: E402
 
 # Besides every *.py: what installs and runs the code.
@@ -83,7 +83,7 @@ def build(name, root=REPO, pdf=None):
             for path in code_files(root):
                 archive.write(root / path, path.as_posix())
 
-    common.atomic_write(target, write)
+    atomic_write(target, write)
     return target
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: small, valid IDX files in torchvision's MNIST layout, the settings a run changes
-process-wide (restored after every test), and the marker of the tests that need bf16 hardware."""
+process-wide (restored after every test), the marker of the tests that need bf16 hardware, and the
+checks every script's smoke test makes (resume, rebuild from weights, one-line refusals)."""
 
 import sys
 from pathlib import Path
@@ -12,18 +13,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402
 import datasets.bmnist  # noqa: E402
 import datasets.mnist  # noqa: E402
 import datasets.raw  # noqa: E402
 import evaluation  # noqa: E402
+import harness  # noqa: E402
+from harness.run import has_amx  # noqa: E402
 
 N_FAKE_TRAIN, N_FAKE_TEST = 120, 30
-# The tests of bf16 training matmuls: --precision auto picks bf16 only where common.has_amx(); on
-# other CPUs oneDNN runs these matmuls in fp32 (AVX-512 BF16) or emulates bf16 (AVX2).
+# The tests of bf16 training matmuls: --precision auto picks bf16 only where has_amx(); on other
+# CPUs oneDNN runs these matmuls in fp32 (AVX-512 BF16) or emulates bf16 (AVX2).
 needs_amx = pytest.mark.skipif(
-    not common.has_amx(),
-    reason="this CPU has no AMX units (common.has_amx() is False): oneDNN keeps the bf16 training "
+    not has_amx(),
+    reason="this CPU has no AMX units (harness.run.has_amx() is False): oneDNN keeps the bf16 training "
            "matmuls in fp32 here, and no run trains in bf16")
 
 
@@ -38,10 +40,9 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def process_wide_settings(monkeypatch):
-    """``common.Run`` sets the training precision (a module global), flushes denormals and, inside
-    ``training_precision()``, oneDNN's matmul precision: each test gets them back as they were."""
-    monkeypatch.setattr(common, "_training_precision", common._training_precision)
+def process_wide_settings():
+    """``harness.Run`` flushes denormals and, inside ``matmul_precision()``, oneDNN sets its matmul
+    precision: each test gets them back as they were."""
     matmul_precision = torch.backends.mkldnn.matmul.fp32_precision
     yield
     torch.backends.mkldnn.matmul.fp32_precision = matmul_precision
@@ -116,7 +117,7 @@ def corrupt(root, name="t10k-labels-idx1-ubyte"):
 
 
 def assert_one_line_error(exit_info, *fragments):
-    """A SystemExit from ``common.cli``: one line, starting ``error: ``, holding ``fragments``."""
+    """A SystemExit from ``harness.cli``: one line, starting ``error: ``, holding ``fragments``."""
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     for fragment in fragments:
@@ -149,16 +150,20 @@ def assert_resume_keeps_the_run(resume, out, metrics, capsys):
 
 def assert_rebuild_reproduces_the_run(rebuild, out, metrics):
     """On a clean clone (metrics.json and weights.pt, no checkpoint), --from_weights (``rebuild()``
-    runs it and returns its metrics) trains nothing and measures the run's numbers again."""
+    runs it and returns its metrics) trains nothing, measures the run's numbers again, and leaves
+    every file it redraws as it was: metrics.json, train.log and the PDF figures, byte for byte."""
     (out / "checkpoint.pt").unlink()
+    kept = {path: path.read_bytes() for pattern in ("metrics.json", "train.log", "*.pdf")
+            for path in out.glob(pattern)}
     rebuilt = rebuild()
-    assert set(rebuilt.pop("rebuilt")) == {"command", "git_commit", "device_name", "finished"}
+    assert "rebuilt" not in rebuilt
     same_metrics(rebuilt, metrics)
     assert not (out / "checkpoint.pt").exists()
+    assert {path: path.read_bytes() for path in kept} == kept
 
 
 def assert_refused_in_one_line(main, *fragments):
-    """``common.cli(main)`` stops with one ``error:`` line holding ``fragments``."""
+    """``harness.cli(main)`` stops with one ``error:`` line holding ``fragments``."""
     with pytest.raises(SystemExit) as exit_info:
-        common.cli(main)
+        harness.cli(main)
     return assert_one_line_error(exit_info, *fragments)

@@ -1,10 +1,9 @@
 """The evaluation package on synthetic data with known answers: FID, score, coverage, Parzen
 windows, precision and recall, the memorisation check, the committed digit classifier, the
-real-image references, evaluate_samples, the comparison and ablation tables and the command line."""
+real-image references, evaluate_samples and the command line."""
 
 import json
 import math
-import os
 import sys
 import types
 
@@ -15,10 +14,10 @@ import scipy.special
 import scipy.stats
 import torch
 
-import common
 import evaluation
 import evaluation.__main__ as cli
 import evaluation.classifier as classifier_module
+import harness
 from evaluation.classifier import ClassifierConfig, DigitClassifier, load_classifier, save_classifier
 from evaluation.metrics import (
     class_fractions,
@@ -33,7 +32,7 @@ from evaluation.metrics import (
     precision_recall,
     select_sigma,
 )
-from evaluation.table import MODEL_ORDER, write_ablation_table, write_table
+from harness import files
 
 TINY = ClassifierConfig(channels=(4, 8), hidden=16, epochs=2, batch_size=32, lr=1e-2)
 
@@ -160,7 +159,7 @@ def test_the_committed_classifier_loads_weights_only_and_matches_its_recorded_ha
     path = classifier_module.CLASSIFIER_PATH
     assert path.parent.name == "evaluation"
     saved = torch.load(path, weights_only=True)
-    assert common.sha256(path.read_bytes()) == classifier_module.recorded_sha256()
+    assert files.sha256(path.read_bytes()) == classifier_module.recorded_sha256()
     model = load_classifier("cpu")
     assert model.sha256 == classifier_module.recorded_sha256()
     assert model.test_accuracy == saved["test_accuracy"]
@@ -172,7 +171,7 @@ def test_a_trained_classifier_is_a_new_yardstick_with_its_own_hash_and_a_flipped
     path = tmp_path / "digit_classifier.pt"
     digest = save_classifier(TINY, path, data=data)
     assert (tmp_path / "digit_classifier.pt.sha256").read_text() == f"{digest}  digit_classifier.pt\n"
-    assert digest == common.sha256(path.read_bytes()) != classifier_module.recorded_sha256()
+    assert digest == files.sha256(path.read_bytes()) != classifier_module.recorded_sha256()
     model = load_classifier("cpu", path)
     assert model.sha256 == digest and model.test_accuracy > 0.9
     images = data[2][:8]
@@ -183,10 +182,10 @@ def test_a_trained_classifier_is_a_new_yardstick_with_its_own_hash_and_a_flipped
     corrupted = bytearray(path.read_bytes())
     corrupted[len(corrupted) // 2] ^= 1
     path.write_bytes(bytes(corrupted))
-    with pytest.raises(common.RunError, match="SHA-256 .* not the .* recorded for it"):
+    with pytest.raises(harness.RunError, match="SHA-256 .* not the .* recorded for it"):
         load_classifier("cpu", path)
     (tmp_path / "digit_classifier.pt.sha256").unlink()
-    with pytest.raises(common.RunError, match="sha256 is missing"):
+    with pytest.raises(harness.RunError, match="sha256 is missing"):
         load_classifier("cpu", path)
 
 
@@ -417,144 +416,3 @@ def test_memorisation_check_of_copied_training_images_draws_its_figure(fake_mnis
     selection = evaluation.evaluate_samples(train[:60], fake_mnist_root, "cpu", small_classifier(),
                                             reference="selection")
     assert "memorisation" not in selection  # progress curves skip it
-
-
-def fake_evaluation(fid_value, classifier_sha256="abc"):
-    return {"classifier_sha256": classifier_sha256, "fid": fid_value, "precision": 0.7512, "recall": 0.25,
-            "memorisation": {"pixel": {"share": 0.0123}, "feature": {"share": 0.02}}, "score": 9.5,
-            "class_fractions": [0.05] + [0.95 / 9] * 9,
-            "class_kl_uniform": 0.0123, "parzen_ll": 225.04, "parzen_se": 2.01, "parzen_sigma": 0.17,
-            "n_samples": 10_000}
-
-
-def write_metrics(results, name, test, fid_value=1.0, **extra):
-    metrics = {"args": {}, "n_params": 1234567, "wall_time_s": 600.0, "test": test,
-               "evaluation": fake_evaluation(fid_value), **extra}
-    (results / name).mkdir(parents=True)
-    (results / name / "metrics.json").write_text(json.dumps(metrics))
-
-
-def test_table_lists_every_run_in_order_with_its_own_likelihood_and_the_reference(tmp_path, capsys,
-                                                                                     monkeypatch):
-    results = tmp_path / "results"
-    write_metrics(results, "nf", {"bpd": 1.0512}, fid_value=4.0)
-    write_metrics(results, "gan", {}, fid_value=3.0)
-    write_metrics(results, "vae_z2", {"negative_elbo": 140.3}, fid_value=2.0)
-    vae_test = {"negative_elbo": 97.123, "nll_importance": 91.5, "importance_samples": 500}
-    write_metrics(results, "vae", vae_test, fid_value=1.0, args={"zdim": 20})
-    # The GAN was re-evaluated from its checkpoint after training: the newer evaluation.json wins.
-    (results / "gan" / "evaluation.json").write_text(json.dumps(fake_evaluation(30.0)))
-    metrics_time = os.stat(results / "gan" / "metrics.json").st_mtime
-    os.utime(results / "gan" / "evaluation.json", (metrics_time + 10, metrics_time + 10))
-    reference = {"name": "real_train", "label": "MNIST training images (10,000)", **fake_evaluation(0.5),
-                 "fid_sd": 0.25, "precision_sd": 0.01, "parzen_ll_sd": 3.0}
-    del reference["memorisation"]
-    monkeypatch.setattr(evaluation, "load_classifier", lambda device: small_classifier("abc"))
-    (results / "reference.json").write_text(json.dumps(
-        {"key": evaluation.reference_key("abc"), "classifier_test_accuracy": 0.9912, "rows": [reference]}))
-
-    cli.main(["--table", "--results", str(results), "--device", "cpu"])
-
-    rows = json.loads((results / "comparison.json").read_text())["rows"]
-    assert [row["name"] for row in rows] == ["vae", "vae_z2", "gan", "nf", "real_train"]
-    assert [row["fid"] for row in rows] == [1.0, 2.0, 30.0, 4.0, 0.5]
-    assert [row["reference"] for row in rows] == [False] * 4 + [True]
-    table = (results / "comparison.md").read_text()
-    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
-    assert "−ELBO 97.12 nats, NLL 91.50 nats (K=500)" in lines["| VAE (z=20)"]
-    assert "−ELBO 140.30 nats |" in lines["| VAE (z=2)"]
-    assert "| 30.00 |" in lines["| GAN"] and "| n/a |" in lines["| GAN"]
-    assert "1.051 bits/dim" in lines["| RealNVP flow"]
-    assert "| 225.0 ± 2.0 |" in lines["| VAE (z=20)"] and "| 5.0 / 10.6 |" in lines["| VAE (z=20)"]
-    assert "| 1,234,567 | 10.0 min |" in lines["| VAE (z=20)"]
-    assert "| 1.00 | 0.751 | 0.250 | 9.50 |" in lines["| VAE (z=20)"]
-    assert "| 1.23 / 2.00 |" in lines["| VAE (z=20)"]
-    assert "| MNIST training images (10,000) | 0.50 ± 0.25 | 0.751 ± 0.010 | 0.250 | 9.50 |" in table
-    assert "| n/a | 225.0 ± 3.0 |" in lines["| MNIST training images (10,000)"]
-    assert "99.12%; SHA-256 of its weights: `abc`." in table
-    assert table in capsys.readouterr().out
-    assert (results / "precision_recall.png").exists() and (results / "precision_recall.pdf").exists()
-
-
-def test_table_refuses_rows_scored_by_different_classifiers(tmp_path):
-    results = tmp_path / "results"
-    write_metrics(results, "vae", {})
-    write_metrics(results, "gan", {}, evaluation=fake_evaluation(3.0, classifier_sha256="retrained"))
-    with pytest.raises(common.RunError, match=r"different digit classifiers: vae \(abc\), gan \(retrained\)"):
-        write_table(results, {"rows": []})
-    assert not (results / "comparison.md").exists()
-
-
-def test_table_shows_runs_without_an_evaluation_as_not_available(tmp_path):
-    results = tmp_path / "results"
-    (results / "nf").mkdir(parents=True)
-    (results / "nf" / "metrics.json").write_text(json.dumps({"test": {"bpd": 1.1}, "n_params": 10}))
-    rows = write_table(results, {"rows": []})
-    assert rows[0]["fid"] is None and rows[0]["wall_time_s"] is None
-    line = (results / "comparison.md").read_text().splitlines()[4]
-    assert line == "| RealNVP flow |" + " n/a |" * 8 + " 1.100 bits/dim | 10 | n/a |"
-
-
-def test_the_assignments_runs_come_first_in_their_order(tmp_path):
-    assert MODEL_ORDER == ("vae", "vae_z2", "gan", "nf")
-    results = tmp_path / "results"
-    for name in ("zeta", "nf", "alpha", "vae_z2", "gan", "vae"):
-        write_metrics(results, name, {})
-    assert [row["name"] for row in write_table(results, {"rows": []})] == ["vae", "vae_z2", "gan", "nf",
-                                                                          "alpha", "zeta"]
-
-
-def test_ablation_table_has_one_row_per_ablation_with_its_note(tmp_path):
-    results = tmp_path / "results"
-    folder = results / "ablations"
-    runs = {
-        "gan_batch_64": {"evaluation": fake_evaluation(9.87), "wall_time_s": 1800.0, "device": "cpu",
-                         "progress": [{"epoch": 10, "fid": 12.0}, {"epoch": 50, "fid": 8.5},
-                                      {"epoch": 100, "fid": 9.0}], "git_commit": "abcdef1234567890"},
-        "nf_lr": {"curves": {"val_bpd": [1.2, 1.0512]}, "test": {"bpd": 1.0498}, "wall_time_s": 600.0,
-                  "device": "cuda", "git_commit": "1234567deadbeef-dirty"},
-        "gan_old": {},
-    }
-    for name, metrics in runs.items():
-        (folder / name).mkdir(parents=True)
-        (folder / name / "metrics.json").write_text(json.dumps(metrics))
-    notes = {"gan_batch_64": {"changes": "batch 64", "also": "seed 1"}}
-    (folder / "notes.json").write_text(json.dumps(notes))
-    write_ablation_table(results)
-
-    lines = (results / "ablations.md").read_text().splitlines()
-    assert lines[0] == "# Ablations and seed studies"
-    assert lines[4].startswith("| run | compared with the default, it changes | also differs |")
-    assert lines[6:] == [
-        "| `gan_batch_64` | batch 64 | seed 1 | 9.87 | 8.50 (50) | n/a | 30.0 min | `abcdef1` |",
-        "| `gan_old` |  |  | n/a | n/a | n/a | n/a | `unknown` |",
-        "| `nf_lr` |  |  | n/a | n/a | 1.0512 / 1.0498 bits/dim | 10.0 min (cuda) | `1234567` |",
-    ]
-
-
-def test_the_table_command_also_writes_the_ablation_table(tmp_path, monkeypatch):
-    results = tmp_path / "results"
-    write_metrics(results, "vae", {"negative_elbo": 97.0})
-    monkeypatch.setattr(evaluation, "load_classifier", lambda device: small_classifier("abc"))
-    (results / "reference.json").write_text(json.dumps(
-        {"key": evaluation.reference_key("abc"), "classifier_test_accuracy": 0.99, "rows": []}))
-    cli.main(["--table", "--results", str(results), "--device", "cpu"])
-    ablations = (results / "ablations.md").read_text().splitlines()
-    assert ablations[0] == "# Ablations and seed studies" and ablations[-1].startswith("|---|")
-    assert (results / "comparison.md").exists()
-
-
-def test_extension_runs_follow_the_assignments_labelled_by_what_they_change(tmp_path):
-    results = tmp_path / "results"
-    write_metrics(results, "vae", {})
-    write_metrics(results, "extensions/vae_iaf_k4", {"negative_elbo": 90.0},
-                  args={"posterior": "iaf", "flow_steps": 4, "iw_samples": 1, "epochs": 80})
-    write_metrics(results, "extensions/vae_gaussian_iw5", {"negative_elbo": 91.0},
-                  args={"posterior": "gaussian", "flow_steps": 8, "iw_samples": 5, "epochs": 80})
-    write_metrics(results, "extensions/nf_conv", {"bpd": 1.39},
-                  args={"coupling": "conv", "dequantization": "uniform"})
-    rows = write_table(results, {"rows": []})
-    assert [row["label"] for row in rows] == [
-        "VAE", "RealNVP, conv couplings, uniform (ext.)", "VAE, gaussian, IW k=5, 80 epochs (ext.)",
-        "VAE, iaf K=4, 80 epochs (ext.)"]
-    assert rows[1]["bpd"] == 1.39 and rows[3]["negative_elbo"] == 90.0

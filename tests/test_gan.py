@@ -1,7 +1,9 @@
 """The GAN's networks, losses and training steps against known answers, the speed-ups of its step
-against the plain way, and its command line end to end on a small fake MNIST folder."""
+against the plain way, the library weight average and BatchNorm refresh against their closed forms,
+and its command line end to end on a small fake MNIST folder."""
 
 import copy
+import dataclasses
 import functools
 import json
 from types import SimpleNamespace
@@ -17,12 +19,11 @@ from conftest import (
     corrupt,
     needs_amx,
 )
-from PIL import Image
 from torch import nn
 
 import a3_gan_template as gan
-import common
 import evaluation
+import harness
 from datasets.loader import TensorLoader
 
 
@@ -43,9 +44,23 @@ def one_batch(n, seed=0):
     return TensorLoader(real_images(n, seed).reshape(n, 784), torch.zeros(n), batch_size=n)
 
 
-def sgd(generator, discriminator, lr_g, lr_d):
-    return (torch.optim.SGD(generator.parameters(), lr=lr_g),
-            torch.optim.SGD(discriminator.parameters(), lr=lr_d))
+def plain(lr=0.0, **changes):
+    """The template's settings (constant learning rate, no R1) at learning rate ``lr``."""
+    return dataclasses.replace(gan.TEMPLATE, lr=lr, **changes)
+
+
+def sgd(generator, discriminator, lr_g, lr_d, **changes):
+    """SGD for G and D and the settings that train them at ``lr_g`` and ``lr_d``: ``train`` gives
+    every optimizer settings.lr, so a network held still gets an optimizer of a stand-in parameter."""
+    lr = max(lr_g, lr_d)
+    assert {lr_g, lr_d} <= {0.0, lr}
+    optimizers = [torch.optim.SGD(net.parameters() if rate else [nn.Parameter(torch.zeros(1))], lr=lr)
+                  for net, rate in ((generator, lr_g), (discriminator, lr_d))]
+    return (*optimizers, plain(lr, **changes))
+
+
+def train(loader, discriminator, generator, optimizer_G, optimizer_D, settings, **kwargs):
+    return gan.train(loader, discriminator, generator, optimizer_G, optimizer_D, settings=settings, **kwargs)
 
 
 def layer_summary(module):
@@ -62,7 +77,7 @@ def layer_summary(module):
     return summary
 
 
-# ---------------------------------------------------------------- networks
+# ---------------------------------------------------------------- networks and settings
 
 def test_networks_have_the_template_layers():
     generator, discriminator = networks()
@@ -77,6 +92,7 @@ def test_networks_have_the_template_layers():
         ("Linear", 784, 512), ("LeakyReLU", 0.2), ("Linear", 512, 256), ("LeakyReLU", 0.2),
         ("Linear", 256, 1),
     ]
+    assert gan.N_PIXELS == 784
 
 
 def test_shapes_and_output_ranges():
@@ -94,11 +110,14 @@ def test_shapes_and_output_ranges():
         torch.testing.assert_close(torch.sigmoid(discriminator.logits(images)), probabilities)
 
 
-def test_settings_ours_and_the_templates():
-    assert gan.TEMPLATE == {"batch_size": 64, "lr": 2e-4, "r1_gamma": 0.0, "r1_interval": 1,
-                            "ema_decay": None, "lr_decay_start": 1.0}
-    assert gan.OURS == {"batch_size": 128, "lr": 4e-4, "r1_gamma": 0.3, "r1_interval": 8,
-                        "ema_decay": 0.999, "lr_decay_start": 0.5}
+def test_settings_default_and_the_templates():
+    assert harness.settings.as_dict(gan.DEFAULT) == {
+        "epochs": 200, "latent_dim": 100, "batch_size": 128, "lr": 4e-4, "adam_beta1": 0.5,
+        "adam_beta2": 0.999, "r1_gamma": 0.3, "r1_interval": 8, "ema_decay": 0.999, "lr_decay_start": 0.5,
+        "save_interval": 500}
+    assert harness.settings.differences(gan.TEMPLATE, gan.DEFAULT) == {
+        "batch_size": 64, "lr": 2e-4, "r1_gamma": 0.0, "r1_interval": 1, "ema_decay": None,
+        "lr_decay_start": 1.0}
 
 
 # ---------------------------------------------------------------- losses
@@ -155,8 +174,8 @@ def one_batch_run(lr_g, lr_d, seed=0, n=32):
 
     before = losses()
     torch.manual_seed(seed + 1)  # train() draws the same z first
-    stats = gan.train(TensorLoader(real, torch.zeros(n), batch_size=n), discriminator, generator,
-                      *sgd(generator, discriminator, lr_g, lr_d))
+    stats = train(TensorLoader(real, torch.zeros(n), batch_size=n), discriminator, generator,
+                  *sgd(generator, discriminator, lr_g, lr_d))
     return before, losses(), stats
 
 
@@ -187,7 +206,7 @@ def test_the_generator_step_with_d_frozen_gives_the_gradients_of_the_unfrozen_st
     n, lr = 32, 0.05
     generator, discriminator = networks()
     torch.manual_seed(1)
-    gan.train(one_batch(n), discriminator, generator, *sgd(generator, discriminator, lr, 0.0))
+    train(one_batch(n), discriminator, generator, *sgd(generator, discriminator, lr, 0.0))
     assert all(p.requires_grad for p in discriminator.parameters())  # unfrozen again afterwards
 
     reference_g, reference_d = networks()
@@ -213,7 +232,7 @@ def test_one_discriminator_pass_over_real_and_fake_images_equals_two_passes():
         torch.testing.assert_close(together[1], discriminator.logits(fakes), rtol=1e-6, atol=1e-6)
 
     torch.manual_seed(1)
-    gan.train(one_batch(n), discriminator, generator, *sgd(generator, discriminator, 0.0, lr))
+    train(one_batch(n), discriminator, generator, *sgd(generator, discriminator, 0.0, lr))
     reference_g, reference_d = networks()
     torch.manual_seed(1)
     fakes = reference_g(torch.randn(n, 100)).detach()
@@ -232,29 +251,29 @@ def biases_before_batchnorm(sequential):
             if isinstance(layer, nn.Linear) and isinstance(after, nn.BatchNorm1d)}
 
 
-def adam_pair(generator, discriminator, fused):
-    return [torch.optim.Adam(m.parameters(), lr=gan.OURS["lr"], betas=(0.5, 0.999), fused=fused)
-            for m in (generator, discriminator)]
+def adam_pair(generator, discriminator, fused, settings=gan.DEFAULT):
+    return [torch.optim.Adam(m.parameters(), lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2),
+                             fused=fused) for m in (generator, discriminator)]
 
 
 def test_fused_adam_trains_as_plain_adam():
     """The script's fused Adam is a speed-up only: three steps of ``train`` (R1 on the first) give
     the parameters, batch-norm statistics and mean losses of torch's plain Adam."""
     loader = TensorLoader(real_images(96).reshape(96, 784), torch.zeros(96), batch_size=32)
+    settings = dataclasses.replace(gan.DEFAULT, r1_interval=2)
     runs = []
     for fused in (True, False):
         generator, discriminator = networks()
         torch.manual_seed(1)
-        stats = gan.train(loader, discriminator, generator, *adam_pair(generator, discriminator, fused),
-                          r1_gamma=0.3, r1_interval=2)
+        stats = train(loader, discriminator, generator, *adam_pair(generator, discriminator, fused), settings)
         runs.append((generator, discriminator, stats))
     (g_fused, d_fused, stats_fused), (g_plain, d_plain, stats_plain) = runs
     loose = biases_before_batchnorm(g_fused.net)
     assert loose == {"net.2.bias", "net.5.bias", "net.8.bias"}
     loose |= {f"net.{int(name.split('.')[1]) + 1}.running_mean" for name in loose}  # the mean holds the bias
-    for fused, plain in ((g_fused, g_plain), (d_fused, d_plain)):
-        for (name, a), b in zip(fused.state_dict().items(), plain.state_dict().values(), strict=True):
-            tolerance = 3 * gan.OURS["lr"] if fused is g_fused and name in loose else 1e-6
+    for fused, plain_ in ((g_fused, g_plain), (d_fused, d_plain)):
+        for (name, a), b in zip(fused.state_dict().items(), plain_.state_dict().values(), strict=True):
+            tolerance = 3 * settings.lr if fused is g_fused and name in loose else 1e-6
             torch.testing.assert_close(a, b, rtol=0, atol=tolerance, msg=f"{name} differs")
     assert stats_fused == pytest.approx(stats_plain, rel=1e-6)
     untrained, _ = networks()
@@ -262,30 +281,44 @@ def test_fused_adam_trains_as_plain_adam():
 
 
 @needs_amx
-def test_bf16_training_steps_follow_the_fp32_ones(monkeypatch):
+def test_bf16_training_steps_follow_the_fp32_ones():
     """Three steps with bf16 training matmuls, R1 penalty included, stay close to fp32 from the same
     seed: the same mean losses to 1e-2 and generator weight matrices that moved the same way (cosine
     similarity of the updates above 0.95: Adam's first steps are about lr * sign(gradient), so
     elements whose gradient is within bf16 rounding of 0 step either way; biases are left out, as
     those before a batch norm have nothing but such gradients)."""
     loader = TensorLoader(real_images(96), torch.zeros(96), batch_size=32)
+    settings = dataclasses.replace(gan.DEFAULT, r1_interval=2)
     runs = {}
     for precision in ("fp32", "bf16"):
-        monkeypatch.setattr(common, "_training_precision", precision)
         generator, discriminator = networks()
         weights = [p for p in generator.parameters() if p.dim() == 2]
         start = torch.nn.utils.parameters_to_vector(weights).detach().clone()
         torch.manual_seed(1)
-        with common.training_precision():
-            stats = gan.train(loader, discriminator, generator, *adam_pair(generator, discriminator, True),
-                              r1_gamma=0.3, r1_interval=2)
+        stats = train(loader, discriminator, generator, *adam_pair(generator, discriminator, True), settings,
+                      precision=precision)
         runs[precision] = stats, torch.nn.utils.parameters_to_vector(weights).detach() - start
     (stats_fp32, update_fp32), (stats_bf16, update_bf16) = runs["fp32"], runs["bf16"]
     for key in stats_fp32:
         assert stats_bf16[key] == pytest.approx(stats_fp32[key], abs=1e-2)
     assert torch.cosine_similarity(update_bf16, update_fp32, dim=0) > 0.95
-    # That the bf16 mode really rounds the matmuls' inputs is test_common's AMX test: updates that
+    # That the bf16 mode really rounds the matmuls' inputs is test_harness's AMX test: updates that
     # merely differ prove nothing, as the mode also changes which fp32 kernel oneDNN picks.
+
+
+def test_train_runs_its_steps_in_the_precision_it_is_given(monkeypatch):
+    """``train`` enters harness.matmul_precision with its ``precision`` argument, around its steps."""
+    entered = []
+    matmul_precision = harness.matmul_precision
+
+    def spy(precision):
+        entered.append(precision)
+        return matmul_precision(precision)
+
+    monkeypatch.setattr(harness, "matmul_precision", spy)
+    generator, discriminator = networks()
+    train(one_batch(8), discriminator, generator, *sgd(generator, discriminator, 0.0, 0.0), precision="bf16")
+    assert entered == ["bf16"]
 
 
 def test_r1_penalty_of_a_linear_discriminator_is_the_squared_weight_norm():
@@ -308,8 +341,8 @@ def test_r1_adds_its_gradient_to_the_discriminator_step_only(interval):
     def step(r1_gamma):
         generator, discriminator = networks()
         torch.manual_seed(1)
-        gan.train(TensorLoader(real, torch.zeros(n), batch_size=n), discriminator, generator,
-                  *sgd(generator, discriminator, lr, lr), r1_gamma=r1_gamma, r1_interval=interval)
+        train(TensorLoader(real, torch.zeros(n), batch_size=n), discriminator, generator,
+              *sgd(generator, discriminator, lr, lr, r1_gamma=r1_gamma, r1_interval=interval))
         return generator, discriminator
 
     generator_plain, discriminator_plain = step(0.0)
@@ -320,31 +353,30 @@ def test_r1_adds_its_gradient_to_the_discriminator_step_only(interval):
     penalty_grads = torch.autograd.grad(gan.r1_penalty(x, reference.logits(x)), parameters,
                                         allow_unused=True, materialize_grads=True)
     assert penalty_grads[0].abs().max() > 0
-    for plain, with_r1, grad in zip(discriminator_plain.parameters(), discriminator_r1.parameters(),
-                                    penalty_grads, strict=True):
-        torch.testing.assert_close(with_r1 - plain, -lr * gamma * interval / 2 * grad, atol=1e-6,
-                                   rtol=1e-4)
-    for plain, with_r1 in zip(generator_plain.parameters(), generator_r1.parameters(), strict=True):
-        assert torch.equal(plain, with_r1)
+    for plain_, with_r1, grad in zip(discriminator_plain.parameters(), discriminator_r1.parameters(),
+                                     penalty_grads, strict=True):
+        torch.testing.assert_close(with_r1 - plain_, -lr * gamma * interval / 2 * grad, atol=1e-6, rtol=1e-4)
+    for plain_, with_r1 in zip(generator_plain.parameters(), generator_r1.parameters(), strict=True):
+        assert torch.equal(plain_, with_r1)
 
 
 def test_lazy_r1_regularizes_every_kth_batch_only():
-    """Three batches with interval 2 are the same training as: batch 0 with the penalty (applied on
-    batch 0), batch 1 without it, batch 2 with it again."""
+    """Three batches with interval 2 are the same training as: batch 0 with the penalty weighted
+    twice, batch 1 without it, batch 2 with it again."""
     n, gamma, lr = 8, 3.0, 0.05
     batches = [real_images(n, seed).reshape(n, 784) for seed in range(3)]
 
     generator_lazy, discriminator_lazy = networks()
     torch.manual_seed(1)
-    gan.train(TensorLoader(torch.cat(batches), torch.zeros(3 * n), batch_size=n), discriminator_lazy,
-              generator_lazy, *sgd(generator_lazy, discriminator_lazy, lr, lr), r1_gamma=gamma, r1_interval=2)
+    train(TensorLoader(torch.cat(batches), torch.zeros(3 * n), batch_size=n), discriminator_lazy,
+          generator_lazy, *sgd(generator_lazy, discriminator_lazy, lr, lr, r1_gamma=gamma, r1_interval=2))
 
     generator, discriminator = networks()
-    optimizer_G, optimizer_D = sgd(generator, discriminator, lr, lr)
+    optimizer_G, optimizer_D, _ = sgd(generator, discriminator, lr, lr)
     torch.manual_seed(1)
     for batch, weight in zip(batches, (2 * gamma, 0.0, 2 * gamma), strict=True):
-        gan.train(TensorLoader(batch, torch.zeros(n), batch_size=n), discriminator, generator,
-                  optimizer_G, optimizer_D, r1_gamma=weight)
+        train(TensorLoader(batch, torch.zeros(n), batch_size=n), discriminator, generator,
+              optimizer_G, optimizer_D, plain(lr, r1_gamma=weight))
     for lazy, reference in zip(discriminator_lazy.parameters(), discriminator.parameters(), strict=True):
         torch.testing.assert_close(lazy, reference, atol=1e-6, rtol=1e-5)
 
@@ -353,77 +385,8 @@ def test_a_non_finite_loss_stops_the_epoch_with_a_run_error():
     generator, discriminator = networks()
     with torch.no_grad():
         discriminator.net[-1].bias.fill_(float("nan"))
-    with pytest.raises(common.RunError, match="loss became nan at epoch 3"):
-        gan.train(one_batch(8), discriminator, generator, *sgd(generator, discriminator, 0.0, 0.0), epoch=3)
-
-
-def test_recompute_batchnorm_averages_each_batch_statistics_with_equal_weight():
-    generator = gan.Generator(latent_dim=8)
-    generator.eval()
-    first_linear, first_norm = generator.net[2], generator.net[3]
-    rng_state = torch.get_rng_state()
-    gan.recompute_batchnorm(generator, n_batches=5, batch_size=16, seed=3)
-    assert torch.equal(torch.get_rng_state(), rng_state)  # its own random stream
-    assert not generator.training and first_norm.momentum == 0.1
-    z = torch.randn(5, 16, 8, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        hidden = first_linear(generator.net[1](generator.net[0](z)))  # [5 batches, 16, 256]
-    torch.testing.assert_close(first_norm.running_mean, hidden.mean((0, 1)))
-    torch.testing.assert_close(first_norm.running_var, hidden.var(1, unbiased=True).mean(0))
-    assert first_norm.num_batches_tracked == 5
-
-
-def test_update_average_moves_weights_by_one_minus_decay_and_copies_batchnorm_statistics():
-    average, generator = gan.Generator(), gan.Generator()
-    with torch.no_grad():
-        for p in average.parameters():
-            p.fill_(1.0)
-        for p in generator.parameters():
-            p.fill_(3.0)
-        generator.net[3].running_mean.fill_(0.5)
-        generator.net[3].num_batches_tracked.fill_(7)
-    gan.update_average(average, generator, decay=0.75)
-    for p in average.parameters():
-        assert torch.all(p == 1.5)  # 0.75 * 1 + 0.25 * 3
-    assert torch.all(generator.net[0].weight == 3.0)  # the generator itself is untouched
-    assert torch.all(average.net[3].running_mean == 0.5) and average.net[3].num_batches_tracked == 7
-
-
-def test_train_keeps_the_average_after_every_generator_step():
-    """Two batches: the average is (decay-)averaged after each of the generator's two steps."""
-    decay, lr = 0.5, 0.05
-    loader = TensorLoader(real_images(16).reshape(16, 784), torch.zeros(16), batch_size=8)
-    generator, discriminator = networks()
-    average = copy.deepcopy(generator)
-    torch.manual_seed(1)
-    gan.train(loader, discriminator, generator, *sgd(generator, discriminator, lr, lr), average=average,
-              ema_decay=decay)
-
-    reference_g, reference_d = networks()
-    expected = copy.deepcopy(reference_g)
-    optimizers = sgd(reference_g, reference_d, lr, lr)
-    torch.manual_seed(1)
-    for batch in real_images(16).reshape(16, 784).split(8):
-        gan.train(TensorLoader(batch, torch.zeros(8), batch_size=8), reference_d, reference_g, *optimizers)
-        gan.update_average(expected, reference_g, decay)
-    for a, b in zip(average.state_dict().values(), expected.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert not torch.allclose(average.net[0].weight, generator.net[0].weight)
-
-
-def test_train_saves_interval_grids_counted_over_the_run(tmp_path):
-    generator, discriminator = networks()
-    loader = TensorLoader(real_images(40), torch.zeros(40), batch_size=8)  # 5 batches
-    fixed_z = torch.randn(25, 100)
-    optimizers = adam_pair(generator, discriminator, True)
-    for epoch in (1, 2):
-        stats = gan.train(loader, discriminator, generator, *optimizers, epoch=epoch, save_interval=2,
-                          interval_dir=tmp_path, fixed_z=fixed_z)
-        assert all(np.isfinite(v) for v in stats.values())
-        assert 0 < stats["d_real"] < 1 and 0 < stats["d_fake"] < 1
-    # batches are counted from 0 over the run: 0, 2, 4 in epoch 1 and 6, 8 in epoch 2 (5 per epoch)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"batch_{i:06d}.png" for i in (0, 2, 4, 6, 8)]
-    assert Image.open(tmp_path / "batch_000008.png").size == (5 * 30 + 2, 5 * 30 + 2)
+    with pytest.raises(harness.RunError, match="loss became nan at epoch 3"):
+        train(one_batch(8), discriminator, generator, *sgd(generator, discriminator, 0.0, 0.0), epoch=3)
 
 
 def test_train_means_are_averages_over_the_batches():
@@ -443,28 +406,164 @@ def test_train_means_are_averages_over_the_batches():
     assert np.ptp(per_batch, axis=0).min() > 0  # the batches differ, so the mean is a real check
 
     torch.manual_seed(10)
-    stats = gan.train(TensorLoader(images, torch.zeros(24), batch_size=8), discriminator, generator,
-                      *sgd(generator, discriminator, 0.0, 0.0))
+    stats = train(TensorLoader(images, torch.zeros(24), batch_size=8), discriminator, generator,
+                  *sgd(generator, discriminator, 0.0, 0.0))
     np.testing.assert_allclose([stats[k] for k in ("loss_d", "loss_g", "d_real", "d_fake")], expected,
                                rtol=1e-5)
 
 
+# ---------------------------------------------------------------- weight average and BatchNorm refresh
+
+def test_weight_average_moves_weights_by_one_minus_decay_and_copies_batchnorm_statistics():
+    generator = gan.Generator()
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.fill_(1.0)
+    average = gan.weight_average(generator, decay=0.75)
+    assert all(torch.all(p == 1.0) for p in average.module.parameters())  # it starts at G's weights
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.fill_(3.0)
+        generator.net[3].running_mean.fill_(0.5)
+        generator.net[3].num_batches_tracked.fill_(7)
+    average.update_parameters(generator)
+    for p in average.module.parameters():
+        assert torch.all(p == 1.5)  # 0.75 * 1 + 0.25 * 3
+    assert torch.all(generator.net[0].weight == 3.0)  # the generator itself is untouched
+    norm = average.module.net[3]
+    assert torch.all(norm.running_mean == 0.5) and norm.num_batches_tracked == 7
+
+
+def test_train_keeps_the_average_of_the_closed_form_after_every_generator_step():
+    """Three batches: the average is the EMA sequence a_0 = G_0, a_k = decay a_{k-1} + (1 - decay) G_k
+    of G's weights after each step, in closed form sum_k w_k G_k; its BatchNorm buffers are G's."""
+    decay, lr = 0.5, 0.05
+    images = real_images(24).reshape(24, 784)
+    generator, discriminator = networks()
+    average = gan.weight_average(generator, decay)
+    torch.manual_seed(1)
+    train(TensorLoader(images, torch.zeros(24), batch_size=8), discriminator, generator,
+          *sgd(generator, discriminator, lr, lr), average=average)
+
+    reference_g, reference_d = networks()
+    optimizer_G, optimizer_D, settings = sgd(reference_g, reference_d, lr, lr)
+    states = [copy.deepcopy(reference_g.state_dict())]
+    torch.manual_seed(1)
+    for batch in images.split(8):
+        train(TensorLoader(batch, torch.zeros(8), batch_size=8), reference_d, reference_g, optimizer_G,
+              optimizer_D, settings)
+        states.append(copy.deepcopy(reference_g.state_dict()))
+    weights = [decay ** 3, decay ** 2 * (1 - decay), decay * (1 - decay), 1 - decay]  # of G_0 ... G_3
+    assert sum(weights) == pytest.approx(1)
+    for name, value in average.module.state_dict().items():
+        if name in dict(reference_g.named_parameters()):
+            expected = sum(w * state[name] for w, state in zip(weights, states, strict=True))
+        else:
+            expected = states[-1][name]  # running statistics: G's, copied
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7, msg=name)
+    assert not torch.allclose(average.module.net[0].weight, generator.net[0].weight)
+
+
+def test_refresh_batchnorm_averages_each_batch_statistics_with_equal_weight(monkeypatch):
+    monkeypatch.setattr(gan, "BN_BATCHES", 5)
+    average = gan.weight_average(gan.Generator(latent_dim=8), decay=0.9)
+    average.eval()
+    first_linear, first_norm = average.module.net[2], average.module.net[3]
+    rng_state = torch.get_rng_state()
+    gan.refresh_batchnorm(average, batch_size=16)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # its own random stream
+    assert not average.module.training and first_norm.momentum == 0.1
+    z = torch.randn(5, 16, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = first_linear(average.module.net[1](average.module.net[0](z)))  # [5 batches, 16, 256]
+    torch.testing.assert_close(first_norm.running_mean, hidden.mean((0, 1)))
+    torch.testing.assert_close(first_norm.running_var, hidden.var(1, unbiased=True).mean(0))
+    assert first_norm.num_batches_tracked == 5
+
+
+def test_train_saves_interval_grids_of_the_average_counted_over_the_run(tmp_path, monkeypatch):
+    generator, discriminator = networks()
+    average = gan.weight_average(generator, 0.9)
+    loader = TensorLoader(real_images(40), torch.zeros(40), batch_size=8)  # 5 batches
+    fixed_z = torch.randn(25, 100)
+    settings = dataclasses.replace(gan.DEFAULT, save_interval=2)
+    optimizers = adam_pair(generator, discriminator, True, settings)
+    save_image_grid, grids = harness.save_image_grid, []
+
+    def spy(images, stem, nrow):
+        torch.testing.assert_close(images, gan.generate(average.module, fixed_z))  # the average's, now
+        grids.append(nrow)
+        save_image_grid(images, stem, nrow)
+
+    monkeypatch.setattr(harness, "save_image_grid", spy)
+    for epoch in (1, 2):
+        stats = train(loader, discriminator, generator, *optimizers, settings, epoch=epoch, average=average,
+                      fixed_z=fixed_z, interval_dir=tmp_path)
+        assert all(np.isfinite(v) for v in stats.values())
+        assert 0 < stats["d_real"] < 1 and 0 < stats["d_fake"] < 1
+    # batches are counted from 0 over the run: 0, 2, 4 in epoch 1 and 6, 8 in epoch 2 (5 per epoch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"batch_{i:06d}.{ext}" for i in (0, 2, 4, 6, 8) for ext in ("png", "pdf"))
+    assert grids == [5] * 5
+
+
 # ---------------------------------------------------------------- learning rate
 
+def old_get_lr(epoch, n_epochs, lr, decay_start):
+    """The schedule before the refactor, per epoch (counted from 1), copied verbatim."""
+    decay_epochs = max(1, n_epochs - int(decay_start * n_epochs))
+    return lr * min(1.0, (n_epochs - epoch + 1) / decay_epochs)
+
+
+@pytest.mark.parametrize("base", [gan.DEFAULT, gan.TEMPLATE], ids=["default", "template"])
+@pytest.mark.parametrize("epochs", [1, 2, 3, 7, 200])
+def test_get_lr_equals_the_old_per_epoch_schedule_at_every_step(base, epochs):
+    settings = dataclasses.replace(base, epochs=epochs)
+    steps_per_epoch = 3
+    for step in range(epochs * steps_per_epoch):
+        old = old_get_lr(step // steps_per_epoch + 1, epochs, settings.lr, settings.lr_decay_start)
+        assert gan.get_lr(step, steps_per_epoch, settings) == old  # exactly
+
+
 def test_learning_rate_decays_linearly_over_the_second_half():
-    lr = gan.OURS["lr"]
-    rates = [gan.get_lr(epoch, 200, lr, 0.5) for epoch in range(1, 201)]
+    lr = gan.DEFAULT.lr
+    rates = [gan.get_lr(epoch - 1, 1, gan.DEFAULT) for epoch in range(1, 201)]
     assert set(rates[:101]) == {lr}  # epochs 1-101
     assert rates[101] == pytest.approx(lr * 0.99) and rates[149] == pytest.approx(lr * 0.51)
     assert rates[-1] == pytest.approx(lr / 100)
     assert np.allclose(np.diff(rates[100:]), -lr / 100)
-    assert [gan.get_lr(epoch, 3, lr, 0.5) for epoch in (1, 2, 3)] == [lr, lr, lr / 2]
+    three = dataclasses.replace(gan.DEFAULT, epochs=3)
+    assert [gan.get_lr(step, 5, three) for step in (0, 5, 10, 14)] == [lr, lr, lr / 2, lr / 2]
 
 
 def test_templates_learning_rate_is_constant():
-    lr = gan.TEMPLATE["lr"]
-    for n_epochs in (1, 2, 200):
-        assert {gan.get_lr(epoch, n_epochs, lr, 1.0) for epoch in range(1, n_epochs + 1)} == {lr}
+    for epochs in (1, 2, 200):
+        settings = dataclasses.replace(gan.TEMPLATE, epochs=epochs)
+        assert {gan.get_lr(step, 4, settings) for step in range(4 * epochs)} == {gan.TEMPLATE.lr}
+
+
+def test_train_sets_the_learning_rate_of_its_step_before_the_step():
+    """In epoch 3 of 3 with decay from halfway, both optimizers step at lr / 2: G's SGD step is the
+    reference step at that rate, and the optimizers keep it."""
+    n, lr = 16, 0.05
+    generator, discriminator = networks()
+    optimizer_G, optimizer_D, _ = sgd(generator, discriminator, lr, lr)
+    torch.manual_seed(1)
+    train(one_batch(n), discriminator, generator, optimizer_G, optimizer_D,
+          dataclasses.replace(gan.DEFAULT, lr=lr, r1_gamma=0.0, epochs=3), epoch=3)
+    assert [g["lr"] for g in (*optimizer_G.param_groups, *optimizer_D.param_groups)] == [lr / 2] * 2
+
+    reference_g, reference_d = networks()
+    torch.manual_seed(1)
+    gan.generator_loss(reference_d.logits(reference_g(torch.randn(n, 100)))).backward()
+    for trained, reference in zip(generator.parameters(), reference_g.parameters(), strict=True):
+        torch.testing.assert_close(trained, reference - lr / 2 * reference.grad, rtol=0, atol=1e-7)
+
+
+def test_milestones_mark_halfway_and_the_first_epoch_of_a_lower_learning_rate():
+    assert gan.milestones(gan.DEFAULT) == {"halfway": 100, "lr_decay_start": 102}
+    assert gan.milestones(dataclasses.replace(gan.DEFAULT, epochs=3)) == {"halfway": 1, "lr_decay_start": 3}
+    assert gan.milestones(gan.TEMPLATE) == {"halfway": 100}  # constant: no decay to mark
 
 
 # ---------------------------------------------------------------- sampling and interpolation
@@ -548,8 +647,7 @@ def test_progress_is_scored_against_the_selection_reference_and_g_is_restored(mo
         return {"fid": images.mean().item(), "score": 1.0}
 
     monkeypatch.setattr(evaluation, "evaluate_samples", evaluate_samples)
-    sample_images = gan.sample_images
-    monkeypatch.setattr(gan, "sample_images", lambda generator, n, seed=0: sample_images(generator, 50, seed))
+    monkeypatch.setattr(gan, "EVALUATION_SAMPLES", 50)
     generator, _ = networks(seed=0)
     snapshots = {5: networks(seed=5)[0].state_dict(), 1: networks(seed=1)[0].state_dict()}
     current = copy.deepcopy(generator.state_dict())
@@ -561,11 +659,11 @@ def test_progress_is_scored_against_the_selection_reference_and_g_is_restored(mo
     assert [row["epoch"] for row in rows] == [1, 5]
     assert [call[1:] for call in calls] == [("root", classifier, "selection")] * 2
     for (images, *_), epoch in zip(calls, (1, 5), strict=True):
-        torch.testing.assert_close(images, sample_images(networks(seed=epoch)[0], 50))
+        torch.testing.assert_close(images, gan.sample_images(networks(seed=epoch)[0], 50))
     assert rows[0] == {"epoch": 1, "fid": calls[0][0].mean().item(), "score": 1.0}
     for name, tensor in generator.state_dict().items():
         assert torch.equal(tensor, current[name])
-    assert len(log) == 2 and "against the selection reference" in log[0]
+    assert len(log) == 2 and "selection reference" in log[0]
 
 
 def test_load_sampler_samples_from_the_weight_average_when_there_is_one(tmp_path):
@@ -573,7 +671,8 @@ def test_load_sampler_samples_from_the_weight_average_when_there_is_one(tmp_path
     for state, expected in (({"generator": trained.state_dict(), "generator_average": average.state_dict()},
                              average), ({"generator": trained.state_dict()}, trained)):
         path = tmp_path / "checkpoint.pt"
-        torch.save({"args": {"latent_dim": 100}, "state": state, "epoch": 3}, path)
+        settings = harness.settings.as_dict(gan.DEFAULT)
+        torch.save({"settings": settings, "seed": 42, "state": state, "epoch": 3}, path)
         torch.testing.assert_close(gan.load_sampler(path)(20, seed=3), gan.sample_images(expected, 20, 3))
 
 
@@ -584,12 +683,9 @@ def smoke(fake_mnist, small_splits, monkeypatch):
     """The script on the fake MNIST folder with its real data, evaluation and classifier code, at
     small sizes: 200 samples where it draws 10,000, 100 candidates for the interpolation ends, 4
     batches for the weight average's batch-norm statistics."""
-    sample_images, find_digit_pairs = gan.sample_images, gan.find_digit_pairs
-    monkeypatch.setattr(gan, "sample_images",
-                        lambda generator, n, seed=0: sample_images(generator, min(n, 200), seed))
-    monkeypatch.setattr(gan, "find_digit_pairs", lambda generator, classifier: find_digit_pairs(
-        generator, classifier, n_candidates=100))
-    monkeypatch.setattr(gan, "recompute_batchnorm", functools.partial(gan.recompute_batchnorm, n_batches=4))
+    monkeypatch.setattr(gan, "EVALUATION_SAMPLES", 200)
+    monkeypatch.setattr(gan, "BN_BATCHES", 4)
+    monkeypatch.setattr(gan, "find_digit_pairs", functools.partial(gan.find_digit_pairs, n_candidates=100))
     return fake_mnist.root
 
 
@@ -606,17 +702,18 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     out = smoke / "gan"
     metrics = run_main(smoke, out, "--n_epochs", "3", "--batch_size", "32", "--resume")
 
-    stems = ["samples_start", "samples_halfway", "samples_end", "losses", "interpolation", "interpolations",
-             "memorisation"]
-    expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
+    expected = {f"{stem}.{ext}" for stem in gan.FIGURES.values() for ext in ("png", "pdf")}
     assert {p.name for p in out.iterdir()} == expected | {"intervals", "metrics.json", "checkpoint.pt",
                                                           "weights.pt", "train.log"}
     # 4 batches per epoch (120 images), a grid every 2 batches counted over the run
-    assert sorted(p.name for p in (out / "intervals").iterdir()) == [f"batch_{i:06d}.png"
-                                                                     for i in range(0, 12, 2)]
+    assert sorted(p.name for p in (out / "intervals").iterdir()) == sorted(
+        f"batch_{i:06d}.{ext}" for i in range(0, 12, 2) for ext in ("png", "pdf"))
 
-    assert metrics["setting"] == {**gan.OURS, "batch_size": 32}
-    assert metrics["epochs_completed"] == 3 and metrics["args"]["n_epochs"] == 3
+    settings = dataclasses.replace(gan.DEFAULT, epochs=3, batch_size=32, save_interval=2)
+    assert metrics["settings"] == harness.settings.as_dict(settings)
+    assert metrics["epochs_completed"] == 3 and metrics["seed"] == 42
+    assert metrics["milestones"] == {"halfway": 1, "lr_decay_start": 3}
+    assert metrics["figures"] == gan.FIGURES
     curves = metrics["curves"]
     assert set(curves) == {"loss_d", "loss_g", "d_real", "d_fake", "wall_time_s"}
     assert all(len(values) == 3 for values in curves.values())
@@ -643,17 +740,17 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     for name in ("optimizer_G", "optimizer_D"):
         group = saved["state"][name]["param_groups"][0]
         assert group["fused"] and group["betas"] == (0.5, 0.999)
-        assert group["lr"] == pytest.approx(gan.get_lr(3, 3, 4e-4, 0.5)) == 2e-4  # decayed in epoch 3
+        assert group["lr"] == gan.get_lr(2 * 4, 4, settings) == 2e-4  # decayed in epoch 3
     average = gan.Generator()
-    average.load_state_dict(saved["state"]["generator_average"])
+    average.load_state_dict(saved["state"]["generator_average"])  # a plain Generator's keys, as before
     torch.testing.assert_close(gan.load_sampler(out / "checkpoint.pt")(8), gan.sample_images(average, 8))
 
     resume = ("--n_epochs", "3", "--batch_size", "32", "--resume")
     assert_resume_keeps_the_run(lambda: run_main(smoke, out, *resume), out, metrics, capsys)
-    assert len(list((out / "intervals").iterdir())) == 6
+    assert len(list((out / "intervals").iterdir())) == 12
 
     assert_refused_in_one_line(lambda: gan.main(argv(smoke, out, "--n_epochs", "3", "--resume")),
-                               "--batch_size 32 (asked: None)")
+                               "batch_size=32 (asked: 128)")
 
     # From the averaged generator's weights alone: the same numbers; the progress curve is kept.
     rebuild = ("--n_epochs", "3", "--batch_size", "32", "--from_weights")
@@ -661,34 +758,39 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     assert set(torch.load(out / "weights.pt", weights_only=True)) == {"generator_average", "fixed_z"}
 
 
-def test_template_flag_trains_the_templates_way(smoke, monkeypatch):
+def test_template_flag_trains_the_templates_way_and_set_reaches_the_model(smoke, monkeypatch):
     calls = {"mnist_gan": [], "train": []}
-    mnist_gan, train = gan.mnist_gan, gan.train
+    mnist_gan, train_ = gan.mnist_gan, gan.train
     monkeypatch.setattr(gan, "mnist_gan", lambda *args, **kwargs: calls["mnist_gan"].append(kwargs)
                         or mnist_gan(*args, **kwargs))
     monkeypatch.setattr(gan, "train", lambda *args, **kwargs: calls["train"].append(kwargs)
-                        or train(*args, **kwargs))
+                        or train_(*args, **kwargs))
     out = smoke / "template"
-    metrics = run_main(smoke, out, "--template", "--n_epochs", "2")
+    metrics = run_main(smoke, out, "--template", "--n_epochs", "2", "--set", "latent_dim=16")
 
-    assert metrics["setting"] == gan.TEMPLATE
+    settings = dataclasses.replace(gan.TEMPLATE, epochs=2, save_interval=2, latent_dim=16)
+    assert metrics["settings"] == harness.settings.as_dict(settings)
+    assert metrics["milestones"] == {"halfway": 1}
     assert calls["mnist_gan"] == [{"batch_size": 64}]
-    for epoch, kwargs in enumerate(calls["train"], start=1):
-        assert kwargs["epoch"] == epoch and kwargs["average"] is None and kwargs["r1_gamma"] == 0.0
+    assert [kwargs["epoch"] for kwargs in calls["train"]] == [1, 2]
+    for kwargs in calls["train"]:
+        assert kwargs["average"] is None and kwargs["settings"] == settings
+        assert kwargs["precision"] == metrics["training_precision"]
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     assert "generator_average" not in saved["state"]  # samples come from G itself
     for name in ("optimizer_G", "optimizer_D"):
         assert saved["state"][name]["param_groups"][0]["lr"] == 2e-4  # constant, also in the last epoch
-    generator = gan.Generator()
+    generator = gan.Generator(latent_dim=16)  # --set latent_dim=16 reached the model
     generator.load_state_dict(saved["state"]["generator"])
     torch.testing.assert_close(gan.load_sampler(out / "checkpoint.pt")(8), gan.sample_images(generator, 8))
+    assert set(torch.load(out / "weights.pt", weights_only=True)) == {"generator", "fixed_z"}
     assert [row["epoch"] for row in metrics["progress"]] == [1, 2]
 
 
 def test_a_corrupted_mnist_file_ends_in_one_line(smoke):
     path = corrupt(smoke, "train-images-idx3-ubyte")
     with pytest.raises(SystemExit) as exit_info:
-        common.cli(lambda: gan.main(argv(smoke, smoke / "out")))
+        harness.cli(lambda: gan.main(argv(smoke, smoke / "out")))
     assert_one_line_error(exit_info, str(path), "corrupted or truncated")
 
 
@@ -701,10 +803,33 @@ def test_bad_values_are_argparse_errors(flag, value, capsys):
     assert "must be a positive" in capsys.readouterr().err
 
 
-def test_defaults_and_removed_flags():
+@pytest.mark.parametrize("assignment", ["epochs=0", "r1_interval=0", "batch_size=0"])
+def test_a_non_positive_setting_ends_in_one_line(assignment, fake_mnist_root, tmp_path):
+    assert_refused_in_one_line(lambda: gan.main(argv(fake_mnist_root, tmp_path / "out", "--set", assignment)),
+                               f"setting {assignment.split('=')[0]} must be positive")
+
+
+def resolve(*flags):
+    return harness.settings.resolve(gan.parse_args(list(flags)), gan.DEFAULT, gan.TEMPLATE)
+
+
+def test_the_templates_flags_set_their_fields_as_set_does():
     args = gan.parse_args([])
     assert (args.n_epochs, args.batch_size, args.lr, args.latent_dim, args.save_interval, args.out) == (
-        200, None, None, 100, 500, "results/gan")
+        None, None, None, None, None, "results/gan")
+    assert resolve() == gan.DEFAULT and resolve("--template") == gan.TEMPLATE
+    flags = ("--n_epochs", "5", "--batch_size", "16", "--lr", "1e-3", "--latent_dim", "8",
+             "--save_interval", "7")
+    sets = ("epochs=5", "batch_size=16", "lr=1e-3", "latent_dim=8", "save_interval=7")
+    assert resolve(*flags) == resolve(*(f for s in sets for f in ("--set", s))) == dataclasses.replace(
+        gan.DEFAULT, epochs=5, batch_size=16, lr=1e-3, latent_dim=8, save_interval=7)
+    assert resolve("--template", "--lr", "1e-3") == dataclasses.replace(gan.TEMPLATE, lr=1e-3)
+    assert resolve("--n_epochs", "5", "--set", "epochs=7").epochs == 7  # --set wins
+
+
+def test_removed_flags_are_settings_now():
     for removed in ("--real_label", "--r1_gamma", "--ema", "--lr_decay_start"):
         with pytest.raises(SystemExit):
             gan.parse_args([removed, "1"])
+    template_way = resolve("--set", "r1_gamma=0", "--set", "ema_decay=none", "--set", "lr_decay_start=1")
+    assert (template_way.r1_gamma, template_way.ema_decay, template_way.lr_decay_start) == (0.0, None, 1.0)

@@ -1,4 +1,5 @@
-"""The report's plumbing: generated numbers, report.tex against them, figure paths, the hand-in zip."""
+"""The reporting side: the tables of report.tables, the generated numbers, report.tex against them, figure
+paths, the hand-in zip."""
 
 import json
 import math
@@ -8,10 +9,15 @@ import shutil
 import subprocess
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from report import make_numbers, make_submission
+import evaluation
+import experiments
+from experiments import Experiment
+from harness import RunError, schema
+from report import extension_tables, make_numbers, make_submission, tables
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_TEX = REPO / "report" / "report.tex"
@@ -40,6 +46,15 @@ def generated_prefixes(names):
 # ---------------------------------------------------------------- fake results with known answers
 
 VAE_EPOCHS = 40
+# The settings of the three answer files' DEFAULT, as their runs record them (harness.schema).
+VAE_SETTINGS = {"epochs": VAE_EPOCHS, "z_dim": 20, "hidden_dim": 500, "hidden_layers": 2, "batch_size": 128,
+                "lr": 0.001, "dynamic_binarization": True, "kl_warmup_epochs": 5, "cosine_decay": True,
+                "importance_samples": 500}
+GAN_SETTINGS = {"epochs": 200, "latent_dim": 100, "batch_size": 128, "lr": 0.0004, "adam_beta1": 0.5,
+                "adam_beta2": 0.999, "r1_gamma": 0.3, "r1_interval": 8, "ema_decay": 0.999,
+                "lr_decay_start": 0.5, "save_interval": 500}
+NF_SETTINGS = {"epochs": 40, "batch_size": 256, "lr": 0.0005, "warmup_epochs": 1, "cosine_decay": True,
+               "clip": 100.0, "n_flows": 4, "n_hidden": 1024}
 
 
 def fake_evaluation(fid, parzen=-123.45, memorised=(0.0105, 0.0321)):
@@ -51,98 +66,114 @@ def fake_evaluation(fid, parzen=-123.45, memorised=(0.0105, 0.0321)):
                                                                                       "threshold": 2.0}}}
 
 
+def vae_figures(halfway, end):
+    """The figures a VAE run records: {role: file stem}."""
+    return {f"{kind}_{moment}": f"{kind}_epoch{epoch:03d}" for kind in ("samples", "means")
+            for moment, epoch in (("start", 0), ("halfway", halfway), ("end", end))}
+
+
+def record(script, settings, seed=42, milestones=None, figures=None, **results):
+    """A metrics.json of the current schema as ``harness.Run.finish`` writes it: the run's ``settings``
+    and measured ``results``, with plausible values for the required keys a test does not set."""
+    metrics = {"schema_version": schema.SCHEMA_VERSION, "script": script, "command": script,
+               "settings": settings, "seed": seed, "git_commit": "0123456789abcdef", "device": "cpu",
+               "device_name": "a test CPU", "torch": "2.0", "threads": 1, "training_precision": "fp32",
+               "finished": "2025-01-01T00:00:00+0000", "n_params": 1000,
+               "epochs_completed": settings.get("epochs", 1), "wall_time_s": 600.0, "images_per_s": 5000.4,
+               "curves": {}, "weights_sha256": None,
+               "milestones": milestones or {"halfway": settings.get("epochs", 1) // 2},
+               "figures": figures or {}}
+    return {**metrics, **results}
+
+
 def write_metrics(folder, metrics):
+    """``metrics`` as ``folder``/metrics.json, refused (harness.schema.SchemaError) unless of the schema."""
     folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps(metrics))
+    schema.write(folder / "metrics.json", metrics)
 
 
-def gan_args(**changes):
-    return {"n_epochs": 200, "batch_size": 128, "lr": 0.0004, "latent_dim": 100, "lr_decay_start": 0.5,
-            "ema": 0.999, "real_label": 1.0, "r1_gamma": 0.3, "r1_interval": 8, "seed": 42, **changes}
+def gan(settings=None, seed=42, milestones=None, **results):
+    """A GAN run: the default settings with ``settings`` changed."""
+    settings = {**GAN_SETTINGS, **(settings or {})}
+    epochs = settings["epochs"]
+    milestones = milestones or {"halfway": epochs // 2,
+                                "lr_decay_start": int(settings["lr_decay_start"] * epochs) + 2}
+    return record("a3_gan_template.py", settings, seed, milestones, **results)
 
 
 SMALL_BATCH = {"batch_size": 64, "lr": 0.0002, "lr_decay_start": 0.25}
+TEMPLATE_GAN = {"batch_size": 64, "lr": 0.0002, "r1_gamma": 0.0, "r1_interval": 1, "ema_decay": None,
+                "lr_decay_start": 1.0}
 
 
 def fake_results(root):
-    """results/ in the layout of the new runs: the canonical runs' metrics.json, the ablations under
-    results/ablations/<name>/ and reference.json, as the scripts and the evaluation package write them."""
-    common = {"device": "cpu", "wall_time_s": 600.0, "images_per_s": 5000.4}
+    """results/ as the scripts and the evaluation package write it: the canonical runs' metrics.json,
+    the ablations under results/ablations/<name>/, the extension runs and reference.json."""
     runs = {
-        "vae": {**common, "args": {"epochs": VAE_EPOCHS, "zdim": 20, "importance_samples": 500,
-                                   "template": False, "seed": 42},
-                "setting": {"hidden_layers": 2, "dynamic_binarization": True, "warmup_epochs": 5,
-                            "cosine_decay": True, "hidden_dim": 500, "batch_size": 128, "lr": 0.001},
-                "n_params": 1234567, "epochs_completed": VAE_EPOCHS,
-                "curves": {"train_negative_elbo": [543.21, 100.0, 95.555],
-                           "val_negative_elbo": [541.09, 101.0, 96.004], "wall_time_s": [0.0, 1.0, 2.0]},
-                "validation": {"negative_elbo": 95.9876, "nll_importance": 91.5, "importance_samples": 500},
-                "test": {"negative_elbo": 96.1234, "nll_importance": 90.0, "importance_samples": 500},
-                "naive_mc": {"images": 2, "repeats": 10, "unit": "log-likelihood, nats", "rows": [
-                    {"samples": 10, "naive_mean": [-300.0, -200.0], "naive_std": [30.0, 10.0],
-                     "importance_mean": [-95.0, -85.0], "importance_std": [0.5, 0.25]},
-                    {"samples": 10000, "naive_mean": [-150.0, -130.0], "naive_std": [5.0, 3.0],
-                     "importance_mean": [-94.0, -84.0], "importance_std": [0.1, 0.1]}]},
-                "evaluation": fake_evaluation(30.0)},
-        "vae_z2": {**common, "args": {"epochs": 30, "zdim": 2}, "n_params": 1000, "epochs_completed": 30,
-                   "curves": {"val_negative_elbo": [540.0, 140.0]},
-                   "test": {"negative_elbo": 140.5, "nll_importance": 138.0, "importance_samples": 500}},
-        "gan": {**common, "args": {"n_epochs": 200, "batch_size": None, "lr": None, "latent_dim": 100,
-                                   "save_interval": 500, "template": False, "seed": 42},
-                "setting": {"batch_size": 128, "lr": 0.0004, "r1_gamma": 0.3, "r1_interval": 8,
-                            "ema_decay": 0.999, "lr_decay_start": 0.5},
-                "n_params": 2000000, "n_params_generator": 1500000,
-                "epochs_completed": 200,
-                "curves": {"loss_d": [1.2, 1.3], "loss_g": [0.9, 0.8], "d_real": [0.6, 0.55],
-                           "d_fake": [0.4, 0.45], "wall_time_s": [1.0, 2.0]},
-                "interpolation_digits": [{"digits": [3, 8], "classifier_confidence": [1.0, 0.99]},
-                                         {"digits": [1, 7], "classifier_confidence": [0.98, 1.0]}],
-                "progress": [{"epoch": 1, "reference": "selection", **fake_evaluation(80.0, parzen=100.0)},
-                             {"epoch": 100, "reference": "selection", **fake_evaluation(4.5, parzen=240.0)},
-                             {"epoch": 200, "reference": "selection", **fake_evaluation(5.5, parzen=230.0)}],
-                "evaluation": {"epoch": 200, **fake_evaluation(5.0, parzen=220.0),
-                               "class_fractions": [0.1, 0.1, 0.1, 0.1, 0.12, 0.1, 0.1, 0.08, 0.1, 0.1]}},
-        "nf": {**common, "args": {"epochs": 40, "template": False, "seed": 42},
-               "setting": {"batch_size": 256, "lr": 0.0005, "warmup_epochs": 1, "cosine_decay": True,
-                           "clip": 100.0},
-               "n_params": 3000000, "epochs_completed": 40,
-               "curves": {"train_bpd": [8.0, 1.2], "val_bpd": [8.0, 1.25], "wall_time_s": [0.0, 1.0]},
-               "test": {"bpd": 1.2468, "bpd_importance_weighted": 1.2299, "noise_samples": 8},
-               "evaluation": fake_evaluation(50.0)},
+        "vae": record(
+            "a3_vae_template.py", VAE_SETTINGS, milestones={"halfway": 20, "kl_warmup_end": 6},
+            figures={**vae_figures(20, VAE_EPOCHS), "elbo": "negative_elbo"},
+            n_params=1234567, epochs_completed=VAE_EPOCHS,
+            curves={"train_negative_elbo": [543.21, 100.0, 95.555],
+                    "val_negative_elbo": [541.09, 101.0, 96.004], "wall_time_s": [0.0, 1.0, 2.0]},
+            validation={"negative_elbo": 95.9876, "nll_importance": 91.5, "importance_samples": 500},
+            test={"negative_elbo": 96.1234, "nll_importance": 90.0, "importance_samples": 500},
+            naive_mc={"images": 2, "repeats": 10, "unit": "log-likelihood, nats", "rows": [
+                {"samples": 10, "naive_mean": [-300.0, -200.0], "naive_std": [30.0, 10.0],
+                 "importance_mean": [-95.0, -85.0], "importance_std": [0.5, 0.25]},
+                {"samples": 10000, "naive_mean": [-150.0, -130.0], "naive_std": [5.0, 3.0],
+                 "importance_mean": [-94.0, -84.0], "importance_std": [0.1, 0.1]}]},
+            evaluation=fake_evaluation(30.0)),
+        "vae_z2": record(
+            "a3_vae_template.py", {**VAE_SETTINGS, "epochs": 30, "z_dim": 2}, figures=vae_figures(15, 30),
+            n_params=1000, curves={"val_negative_elbo": [540.0, 140.0]},
+            test={"negative_elbo": 140.5, "nll_importance": 138.0, "importance_samples": 500}),
+        "gan": gan(
+            n_params=2000000, n_params_generator=1500000,
+            curves={"loss_d": [1.2, 1.3], "loss_g": [0.9, 0.8], "d_real": [0.6, 0.55],
+                    "d_fake": [0.4, 0.45], "wall_time_s": [1.0, 2.0]},
+            interpolation_digits=[{"digits": [3, 8], "classifier_confidence": [1.0, 0.99]},
+                                  {"digits": [1, 7], "classifier_confidence": [0.98, 1.0]}],
+            progress=[{"epoch": 1, "reference": "selection", **fake_evaluation(80.0, parzen=100.0)},
+                      {"epoch": 100, "reference": "selection", **fake_evaluation(4.5, parzen=240.0)},
+                      {"epoch": 200, "reference": "selection", **fake_evaluation(5.5, parzen=230.0)}],
+            evaluation={"epoch": 200, **fake_evaluation(5.0, parzen=220.0),
+                        "class_fractions": [0.1, 0.1, 0.1, 0.1, 0.12, 0.1, 0.1, 0.08, 0.1, 0.1]}),
+        "nf": record(
+            "a3_nf_template.py", NF_SETTINGS, n_params=3000000,
+            curves={"train_bpd": [8.0, 1.2], "val_bpd": [8.0, 1.25], "wall_time_s": [0.0, 1.0]},
+            test={"bpd": 1.2468, "bpd_importance_weighted": 1.2299, "noise_samples": 8},
+            evaluation=fake_evaluation(50.0)),
     }
     for run, metrics in runs.items():
         write_metrics(root / run, metrics)
     ablations = root / "ablations"
-    write_metrics(ablations / "gan_template", {
-        **common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002},
-        "progress": [{"epoch": 100, **fake_evaluation(60.0)}, {"epoch": 200, **fake_evaluation(70.0)}],
-        "evaluation": {"epoch": 200, **fake_evaluation(70.0),
-                       "class_fractions": [0.1, 0.25, 0.02, 0.09, 0.08, 0.1, 0.1, 0.1, 0.06, 0.1]}})
-    write_metrics(ablations / "gan_no_r1", {
-        **common, "args": {"n_epochs": 200, "batch_size": 64, "lr": 0.0002, "lr_decay_start": 0.5},
-        "curves": {"loss_d": [1.1, 0.9]},
-        "progress": [{"epoch": 50, **fake_evaluation(40.0)}, {"epoch": 200, **fake_evaluation(90.0)}],
-        "evaluation": {"epoch": 200, **fake_evaluation(90.0),
-                       "class_fractions": [0.1, 0.2, 0.03, 0.09, 0.08, 0.1, 0.1, 0.1, 0.1, 0.1]}})
-    for name, fid, changes in (
-            ("gan_seed_42", 8.951, {}), ("gan_seed_1", 9.071, {"seed": 1}),
-            ("gan_seed_2", 9.921, {"seed": 2}),
-            ("gan_batch_64", 7.689, {**SMALL_BATCH}),
-            ("gan_batch_64_seed_1", 9.979, {**SMALL_BATCH, "seed": 1}),
-            ("gan_fp32", 7.802, {**SMALL_BATCH}),
-            ("gan_batch_128_lr2e-4", 16.305, {"lr": 0.0002, "lr_decay_start": 0.25}),
-            ("gan_batch_128_lr4e-4", 10.064, {"lr_decay_start": 0.25}),
-            ("gan_batch_128_lr4e-4_ema-0.998", 10.143, {"lr_decay_start": 0.25, "ema": 0.998}),
-            ("gan_batch_128_lr4e-4_r1-0.6", 10.383, {"lr_decay_start": 0.25, "r1_gamma": 0.6})):
-        write_metrics(ablations / name,
-                      {**common, "args": gan_args(**changes), "evaluation": fake_evaluation(fid)})
-    write_metrics(ablations / "nf_batch_128", {
-        **common, "args": {"batch_size": 128, "lr": 0.0005}, "curves": {"val_bpd": [8.0, 1.2512]},
-        "test": {"bpd": 1.2401}, "wall_time_s": 1800.0})
-    for letter, lr, decay, bpd in (("a", 0.001, 0.0, 1.857), ("b", 0.002, 0.0, 1.883),
-                                   ("c", 0.0005, 0.0, 1.7186), ("d", 0.001, 0.0001, 1.7200)):
-        write_metrics(ablations / f"nf_lr_sweep_{letter}", {
-            "args": {"batch_size": 128, "lr": lr, "weight_decay": decay}, "curves": {"val_bpd": [8.0, bpd]}})
+    write_metrics(ablations / "gan_template", gan(
+        TEMPLATE_GAN, milestones={"halfway": 100},
+        progress=[{"epoch": 100, **fake_evaluation(60.0)}, {"epoch": 200, **fake_evaluation(70.0)}],
+        evaluation={"epoch": 200, **fake_evaluation(70.0),
+                    "class_fractions": [0.1, 0.25, 0.02, 0.09, 0.08, 0.1, 0.1, 0.1, 0.06, 0.1]}))
+    write_metrics(ablations / "gan_no_r1", gan(
+        {"batch_size": 64, "lr": 0.0002, "r1_gamma": 0.0}, curves={"loss_d": [1.1, 0.9]},
+        progress=[{"epoch": 50, **fake_evaluation(40.0)}, {"epoch": 200, **fake_evaluation(90.0)}],
+        evaluation={"epoch": 200, **fake_evaluation(90.0),
+                    "class_fractions": [0.1, 0.2, 0.03, 0.09, 0.08, 0.1, 0.1, 0.1, 0.1, 0.1]}))
+    for name, fid, changes, seed in (
+            ("gan_seed_42", 8.951, {}, 42), ("gan_seed_1", 9.071, {}, 1), ("gan_seed_2", 9.921, {}, 2),
+            ("gan_batch_64", 7.689, SMALL_BATCH, 42), ("gan_batch_64_seed_1", 9.979, SMALL_BATCH, 1),
+            ("gan_fp32", 7.802, SMALL_BATCH, 42),
+            ("gan_batch_128_lr2e-4", 16.305, {"lr": 0.0002, "lr_decay_start": 0.25}, 42),
+            ("gan_batch_128_lr4e-4", 10.064, {"lr_decay_start": 0.25}, 42),
+            ("gan_batch_128_lr4e-4_ema-0.998", 10.143, {"lr_decay_start": 0.25, "ema_decay": 0.998}, 42),
+            ("gan_batch_128_lr4e-4_r1-0.6", 10.383, {"lr_decay_start": 0.25, "r1_gamma": 0.6}, 42)):
+        write_metrics(ablations / name, gan(changes, seed, evaluation=fake_evaluation(fid)))
+    write_metrics(ablations / "nf_batch_128", record(
+        "a3_nf_template.py", {**NF_SETTINGS, "batch_size": 128}, curves={"val_bpd": [8.0, 1.2512]},
+        test={"bpd": 1.2401}, wall_time_s=1800.0))
+    for letter, lr, bpd in (("a", 0.001, 1.857), ("b", 0.002, 1.883), ("c", 0.0005, 1.7186)):
+        write_metrics(ablations / f"nf_lr_sweep_{letter}", record(
+            "a3_nf_template.py", {**NF_SETTINGS, "batch_size": 128, "lr": lr},
+            curves={"val_bpd": [8.0, bpd]}))
     # The real images as evaluation.reference_rows writes them: means over the subsets, with the
     # standard deviation of every float beside it, and no memorisation check.
     real = {key: value for key, value in fake_evaluation(0.5, parzen=241.0).items() if key != "memorisation"}
@@ -156,21 +187,22 @@ def fake_results(root):
 
 
 def vae_extension(posterior="gaussian", flow_steps=8, iw_samples=1, negative_elbo=92.0, nll=88.0):
-    return {"args": {"epochs": 80, "posterior": posterior, "flow_steps": flow_steps, "iw_samples": iw_samples,
-                     "importance_samples": 1000},
-            "epochs_completed": 80, "wall_time_s": 1200.0, "data": {"binarized_mnist": "reproduction"},
-            "test": {"negative_elbo": negative_elbo, "nll_importance": nll, "importance_samples": 1000},
-            "validation": {"negative_elbo": negative_elbo + 1, "nll_importance": nll + 1,
-                           "importance_samples": 1000}}
+    settings = {**VAE_SETTINGS, "epochs": 80, "importance_samples": 1000, "posterior": posterior,
+                "flow_steps": flow_steps, "iw_samples": iw_samples}
+    return record("extensions/vae_flows.py", settings, figures=vae_figures(40, 80), wall_time_s=1200.0,
+                  data={"binarized_mnist": "reproduction"},
+                  test={"negative_elbo": negative_elbo, "nll_importance": nll, "importance_samples": 1000},
+                  validation={"negative_elbo": negative_elbo + 1, "nll_importance": nll + 1,
+                              "importance_samples": 1000})
 
 
 def nf_extension(dequantization, bpd, bpd_iw, val_bpd):
-    return {"args": {"epochs": 12, "coupling": "conv", "dequantization": dequantization},
-            "setting": {"batch_size": 128, "lr": 0.001, "warmup_epochs": 0.25},
-            "n_params": 30000, "epochs_completed": 3, "wall_time_s": 900.0,
-            "curves": {"val_bpd": val_bpd, "wall_time_s": [300.0, 600.0, 900.0]},
-            "test": {"bpd": bpd, "bpd_importance_weighted": bpd_iw, "noise_samples": 8},
-            "evaluation": {"fid": 900.0 if dequantization == "uniform" else 800.0}}
+    settings = {**NF_SETTINGS, "epochs": 12, "batch_size": 128, "lr": 0.001, "warmup_epochs": 0.25,
+                "coupling": "conv", "dequantization": dequantization, "channels": 32, "blocks": 2}
+    return record("extensions/nf_couplings.py", settings, n_params=30000, epochs_completed=3,
+                  wall_time_s=900.0, curves={"val_bpd": val_bpd, "wall_time_s": [300.0, 600.0, 900.0]},
+                  test={"bpd": bpd, "bpd_importance_weighted": bpd_iw, "noise_samples": 8},
+                  evaluation={"fid": 900.0 if dequantization == "uniform" else 800.0})
 
 
 def fake_extensions(folder):
@@ -194,6 +226,7 @@ def generated(tmp_path):
 
 
 def write_json(path, data):
+    """``data`` as JSON in ``path``, whatever its shape (a metrics.json is checked by schema.write)."""
     Path(path).write_text(json.dumps(data))
 
 
@@ -223,8 +256,9 @@ def test_numbers_from_fake_results(generated):
     assert numbers["VaeNaiveMaxSamples"] == "10{,}000"
     assert numbers["VaeZtwoZdim"] == "2"
     assert numbers["GanHalfwayEpoch"] == "100"
+    # The first epochs with a learning rate below the base one, as the runs recorded them.
     assert (numbers["GanLrDecayEpoch"], numbers["GanNoRoneLrDecayEpoch"],
-            numbers["GanTrialLrDecayEpoch"]) == ("100", "100", "50")
+            numbers["GanTrialLrDecayEpoch"]) == ("102", "102", "52")
     assert (numbers["GanLr"], numbers["GanRoneInterval"], numbers["GanRGamma"]) == ("0.0004", "8", "0.3")
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
@@ -263,10 +297,10 @@ def test_numbers_from_fake_results(generated):
     assert (numbers["NfSmallBatchSize"], numbers["NfSmallBatchValBpd"], numbers["NfSmallBatchTestBpd"],
             numbers["NfSmallBatchTrainMinutes"]) == ("128", "1.251", "1.240", "30.0")
     assert (numbers["NfClip"], numbers["NfWarmup"]) == ("100", "1")
-    assert numbers["NfSweepSettings"] == "0.0005, 0.001, 0.001 (weight decay 0.0001), 0.002"
+    assert numbers["NfSweepSettings"] == "0.0005, 0.001, 0.002"
     assert (numbers["NfSweepRuns"], numbers["NfSweepBatchSize"], numbers["NfSweepBestLr"],
             numbers["NfSweepBestValBpd"], numbers["NfSweepWorstValBpd"]) == \
-        ("4", "128", "0.0005", "1.719", "1.883")
+        ("3", "128", "0.0005", "1.719", "1.883")
     assert numbers["NfParzenLl"] == r"\ensuremath{-}123.5"
     assert numbers["ClassifierAccuracy"] == "99.00" and numbers["RealFid"] == "0.50"
     assert (numbers["RealImages"], numbers["RealParzenLl"], numbers["RealScore"]) == \
@@ -381,15 +415,56 @@ def test_progress_rows_of_mixed_references_are_not_named(tmp_path):
 
 
 def test_settings_are_read_from_what_the_run_recorded(tmp_path):
-    """A setting is read from the "setting" a script records, not from the flags (which may be unset,
-    None, when the script chose the default)."""
+    """A setting is read from the "settings" a run records (its Settings as resolved: defaults,
+    --template and --set), whatever the command line said."""
     results = fake_results(tmp_path / "results")
     vae = read_json(results / "vae" / "metrics.json")
-    vae["setting"] = {"hidden_dim": 400, "lr": 0.002, "batch_size": 64, "warmup_epochs": 0}
-    write_json(results / "vae" / "metrics.json", vae)
+    vae["settings"].update(hidden_dim=400, lr=0.002, batch_size=64, kl_warmup_epochs=0, z_dim=5)
+    vae["command"] = "a3_vae_template.py --zdim 20"
+    schema.write(results / "vae" / "metrics.json", vae)
     numbers = make_numbers.write_all(results, tmp_path / "generated")
-    assert (numbers["VaeHiddenDim"], numbers["VaeLr"], numbers["VaeBatchSize"],
-            numbers["VaeWarmupEpochs"]) == ("400", "0.002", "64", "0")
+    assert (numbers["VaeHiddenDim"], numbers["VaeLr"], numbers["VaeBatchSize"], numbers["VaeWarmupEpochs"],
+            numbers["VaeZdim"]) == ("400", "0.002", "64", "0", "5")
+
+
+def test_epochs_and_figure_names_are_read_from_the_run_not_derived(tmp_path):
+    """The halfway epoch, the GAN's first decayed epoch and the VAE's figure names are what the runs
+    recorded (milestones, figures), not computed here from their settings."""
+    results = fake_results(tmp_path / "results")
+    vae = read_json(results / "vae" / "metrics.json")
+    vae["milestones"]["halfway"] = 7
+    vae["figures"].update(samples_halfway="samples_epoch007", means_halfway="means_epoch007",
+                          samples_end="samples_epoch039", means_end="means_epoch039")
+    schema.write(results / "vae" / "metrics.json", vae)
+    gan = read_json(results / "gan" / "metrics.json")
+    gan["milestones"].update(halfway=99, lr_decay_start=150)
+    schema.write(results / "gan" / "metrics.json", gan)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert (numbers["VaeHalfwayEpoch"], numbers["VaeHalfwayTag"], numbers["VaeFinalTag"]) == \
+        ("7", "007", "039")
+    assert (numbers["GanHalfwayEpoch"], numbers["GanLrDecayEpoch"]) == ("99", "150")
+    # A run without the means figure, or with names of another form, has no tag to give.
+    del vae["figures"]["means_halfway"]
+    vae["figures"]["samples_end"] = "samples_last"
+    schema.write(results / "vae" / "metrics.json", vae)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["VaeHalfwayTag"] == numbers["VaeFinalTag"] == make_numbers.MISSING_TAG
+
+
+def test_a_metrics_json_of_another_schema_gives_placeholders_and_a_warning(tmp_path, capsys):
+    """A run recorded before schema 2 (flags under "args", settings under "setting") is not read: its
+    numbers print as ?? and the warning says why."""
+    results = fake_results(tmp_path / "results")
+    old = read_json(results / "nf" / "metrics.json")
+    for key in ("schema_version", "settings", "milestones", "figures", "script", "seed"):
+        del old[key]
+    old.update(args={"epochs": 40, "seed": 42}, setting={"batch_size": 256, "lr": 0.0005})
+    write_json(results / "nf" / "metrics.json", old)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["NfTestBpd"] == numbers["NfBatchSize"] == numbers["NfLr"] == make_numbers.PLACEHOLDER
+    assert numbers["VaeTestNll"] == "90.00"
+    err = capsys.readouterr().err
+    assert "nf/metrics.json" in err and "undeclared ['args', 'setting']" in err
 
 
 def test_ablations_are_read_from_the_new_layout_only(tmp_path):
@@ -398,17 +473,17 @@ def test_ablations_are_read_from_the_new_layout_only(tmp_path):
     results = fake_results(tmp_path / "results")
     for name in ("gan_template", "gan_seed_1", "nf_lr_sweep_a"):
         shutil.rmtree(results / "ablations" / name)
-    write_metrics(results / "gan_template", {"evaluation": fake_evaluation(1.0)})
-    write_metrics(results / "gan" / "seed_1", {"evaluation": fake_evaluation(1.0)})
+    write_metrics(results / "gan_template", gan(TEMPLATE_GAN, evaluation=fake_evaluation(1.0)))
+    write_metrics(results / "gan" / "seed_1", gan(seed=1, evaluation=fake_evaluation(1.0)))
     (results / "nf" / "lr_sweep").mkdir()
     write_json(results / "nf" / "lr_sweep" / "run_a.json",
-               {"args": {"lr": 0.1}, "curves": {"val_bpd": [0.5]}})
+               {"settings": {"lr": 0.1}, "curves": {"val_bpd": [0.5]}})
     numbers = make_numbers.write_all(results, tmp_path / "generated")
     assert numbers["GanTemplateFid"] == make_numbers.PLACEHOLDER
     # The seed study counts the seeds that finished.
     assert (numbers["GanSeedRuns"], numbers["GanSeedFidMin"], numbers["GanSeedFidMax"]) == \
         ("2", "8.95", "9.92")
-    assert numbers["NfSweepRuns"] == "3" and "0.1" not in numbers["NfSweepSettings"]
+    assert numbers["NfSweepRuns"] == "2" and "0.1" not in numbers["NfSweepSettings"]
 
 
 def test_newer_evaluation_json_wins(tmp_path):
@@ -517,6 +592,265 @@ def test_format_value(value, fmt, text):
     assert make_numbers.format_value(value, fmt) == text
 
 
+# ---------------------------------------------------------------- report.tables
+
+def table_evaluation(fid_value, classifier_sha256="abc"):
+    return {"classifier_sha256": classifier_sha256, "fid": fid_value, "precision": 0.7512, "recall": 0.25,
+            "memorisation": {"pixel": {"share": 0.0123}, "feature": {"share": 0.02}}, "score": 9.5,
+            "class_fractions": [0.05] + [0.95 / 9] * 9,
+            "class_kl_uniform": 0.0123, "parzen_ll": 225.04, "parzen_se": 2.01, "parzen_sigma": 0.17,
+            "n_samples": 10_000}
+
+
+SCRIPTS = {"vae": ("a3_vae_template.py", VAE_SETTINGS), "gan": ("a3_gan_template.py", GAN_SETTINGS),
+           "nf": ("a3_nf_template.py", NF_SETTINGS)}
+
+
+def table_run(results, name, test, fid_value=1.0, **results_and_settings):
+    """results/<name>/metrics.json of the model its name starts with: n_params 1,234,567, 10 minutes of
+    training, ``test`` and an evaluation of FID ``fid_value``."""
+    script, settings = next(SCRIPTS[model] for model in ("vae", "gan", "nf")
+                            if Path(name).name.startswith(model))
+    settings = {**settings, **results_and_settings.pop("settings", {})}
+    metrics = record(script, settings, n_params=1234567, test=test,
+                     evaluation=table_evaluation(fid_value), **results_and_settings)
+    write_metrics(results / name, metrics)
+
+
+@pytest.fixture
+def committed_classifier(monkeypatch):
+    """The committed classifier as reference_rows sees it: only its SHA-256, "abc"."""
+    monkeypatch.setattr(evaluation, "load_classifier",
+                        lambda device: SimpleNamespace(sha256="abc", test_accuracy=0.9912))
+
+
+def test_comparison_lists_every_run_in_order_with_its_own_likelihood_and_the_reference(
+        tmp_path, capsys, committed_classifier):
+    results = tmp_path / "results"
+    table_run(results, "nf", {"bpd": 1.0512}, fid_value=4.0)
+    table_run(results, "gan", {}, fid_value=3.0)
+    table_run(results, "vae_z2", {"negative_elbo": 140.3}, fid_value=2.0, settings={"z_dim": 2})
+    vae_test = {"negative_elbo": 97.123, "nll_importance": 91.5, "importance_samples": 500}
+    table_run(results, "vae", vae_test, fid_value=1.0)
+    # The GAN was re-evaluated from its checkpoint after training: the newer evaluation.json wins.
+    (results / "gan" / "evaluation.json").write_text(json.dumps(table_evaluation(30.0)))
+    metrics_time = os.stat(results / "gan" / "metrics.json").st_mtime
+    os.utime(results / "gan" / "evaluation.json", (metrics_time + 10, metrics_time + 10))
+    reference = {"name": "real_train", "label": "MNIST training images (10,000)", **table_evaluation(0.5),
+                 "fid_sd": 0.25, "precision_sd": 0.01, "parzen_ll_sd": 3.0}
+    del reference["memorisation"]
+    (results / "reference.json").write_text(json.dumps(
+        {"key": evaluation.reference_key("abc"), "classifier_test_accuracy": 0.9912, "rows": [reference]}))
+
+    tables.main(["comparison", "--results", str(results), "--device", "cpu"])
+
+    rows = read_json(results / "comparison.json")["rows"]
+    assert [row["name"] for row in rows] == ["vae", "vae_z2", "gan", "nf", "real_train"]
+    assert [row["fid"] for row in rows] == [1.0, 2.0, 30.0, 4.0, 0.5]
+    assert [row["reference"] for row in rows] == [False] * 4 + [True]
+    table = (results / "comparison.md").read_text()
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    # The VAE's label is its recorded z_dim.
+    assert "−ELBO 97.12 nats, NLL 91.50 nats (K=500)" in lines["| VAE (z=20)"]
+    assert "−ELBO 140.30 nats |" in lines["| VAE (z=2)"]
+    assert "| 30.00 |" in lines["| GAN"] and "| n/a |" in lines["| GAN"]
+    assert "1.051 bits/dim" in lines["| RealNVP flow"]
+    assert "| 225.0 ± 2.0 |" in lines["| VAE (z=20)"] and "| 5.0 / 10.6 |" in lines["| VAE (z=20)"]
+    assert "| 1,234,567 | 10.0 min |" in lines["| VAE (z=20)"]
+    assert "| 1.00 | 0.751 | 0.250 | 9.50 |" in lines["| VAE (z=20)"]
+    assert "| 1.23 / 2.00 |" in lines["| VAE (z=20)"]
+    assert "| MNIST training images (10,000) | 0.50 ± 0.25 | 0.751 ± 0.010 | 0.250 | 9.50 |" in table
+    assert "| n/a | 225.0 ± 3.0 |" in lines["| MNIST training images (10,000)"]
+    assert "99.12%; SHA-256 of its weights: `abc`." in table
+    assert table in capsys.readouterr().out
+    assert (results / "precision_recall.png").exists() and (results / "precision_recall.pdf").exists()
+
+
+def test_comparison_refuses_rows_scored_by_different_classifiers(tmp_path):
+    results = tmp_path / "results"
+    table_run(results, "vae", {})
+    table_run(results, "gan", {}, fid_value=3.0)
+    gan = read_json(results / "gan" / "metrics.json")
+    gan["evaluation"]["classifier_sha256"] = "retrained"
+    schema.write(results / "gan" / "metrics.json", gan)
+    with pytest.raises(RunError, match=r"different digit classifiers: vae \(abc\), gan \(retrained\)"):
+        tables.write_table(results, {"rows": []})
+    assert not (results / "comparison.md").exists()
+
+
+def test_comparison_refuses_a_metrics_json_of_another_schema(tmp_path):
+    results = tmp_path / "results"
+    (results / "vae").mkdir(parents=True)
+    write_json(results / "vae" / "metrics.json", {"args": {"zdim": 20}, "n_params": 10, "test": {}})
+    with pytest.raises(schema.SchemaError, match=r"vae/metrics.json: .*undeclared \['args'\]"):
+        tables.write_table(results, {"rows": []})
+
+
+def test_comparison_shows_runs_without_an_evaluation_as_not_available(tmp_path):
+    results = tmp_path / "results"
+    write_metrics(results / "nf", record("a3_nf_template.py", NF_SETTINGS, n_params=10, test={"bpd": 1.1}))
+    rows = tables.write_table(results, {"rows": []})
+    assert rows[0]["fid"] is None and rows[0]["wall_time_s"] == 600.0
+    line = (results / "comparison.md").read_text().splitlines()[4]
+    assert line == "| RealNVP flow |" + " n/a |" * 8 + " 1.100 bits/dim | 10 | 10.0 min |"
+
+
+def test_the_assignments_runs_come_first_in_their_order(tmp_path):
+    assert tables.MODEL_ORDER == ("vae", "vae_z2", "gan", "nf")
+    results = tmp_path / "results"
+    for name in ("nf_zeta", "nf", "gan_alpha", "vae_z2", "gan", "vae"):
+        table_run(results, name, {})
+    assert [row["name"] for row in tables.write_table(results, {"rows": []})] == \
+        ["vae", "vae_z2", "gan", "nf", "gan_alpha", "nf_zeta"]
+
+
+def test_extension_runs_follow_the_assignments_labelled_by_their_recorded_settings(tmp_path):
+    results = tmp_path / "results"
+    table_run(results, "vae", {})
+    extension = {"epochs": 80, "posterior": "iaf", "flow_steps": 4, "iw_samples": 1}
+    table_run(results, "extensions/vae_iaf_k4", {"negative_elbo": 90.0}, settings=extension)
+    table_run(results, "extensions/vae_gaussian_iw5", {"negative_elbo": 91.0},
+              settings={**extension, "posterior": "gaussian", "flow_steps": 8, "iw_samples": 5})
+    table_run(results, "extensions/nf_conv", {"bpd": 1.39},
+              settings={"coupling": "conv", "dequantization": "uniform"})
+    rows = tables.write_table(results, {"rows": []})
+    assert [row["label"] for row in rows] == [
+        "VAE (z=20)", "RealNVP, conv couplings, uniform (ext.)", "VAE, gaussian, IW k=5, 80 epochs (ext.)",
+        "VAE, iaf K=4, 80 epochs (ext.)"]
+    assert rows[1]["bpd"] == 1.39 and rows[3]["negative_elbo"] == 90.0
+
+
+def fake_experiments(*entries):
+    """A module like experiments.py: its entries, and the settings each declares (the script's
+    default settings with the entry's overrides; the template's are not needed here)."""
+    defaults = {script: settings for script, settings in SCRIPTS.values()}
+    return SimpleNamespace(EXPERIMENTS=entries,
+                           expected_settings=lambda entry: {**defaults[entry.script], **entry.overrides})
+
+
+def test_ablation_table_compares_each_run_with_what_its_entry_declares(tmp_path):
+    """A row per entry in its order, then the undeclared run folders. "also differs" is what the run
+    recorded against what its entry declares (script, seed, settings): a run of older code shows its
+    confound; a run as declared shows nothing."""
+    results = tmp_path / "results"
+    folder = results / "ablations"
+    declared = fake_experiments(
+        Experiment("gan_batch_64", "a3_gan_template.py", "the template's batch",
+                   {"batch_size": 64, "lr": 2e-4}),
+        Experiment("nf_lr", "a3_nf_template.py", "a higher learning rate", {"lr": 1e-3}),
+        Experiment("gan_as_declared", "a3_gan_template.py", "the default, seed 2", seed=2),
+        Experiment("gan_seed_3", "a3_gan_template.py", "the default, seed 3", seed=3),
+    )
+    old_gan = {key: value for key, value in GAN_SETTINGS.items() if key != "r1_interval"}
+    write_metrics(folder / "gan_batch_64", record(
+        "a3_gan_template.py", {**old_gan, "batch_size": 64, "lr": 2e-4, "lr_decay_start": 0.25,
+                               "real_label": 1.0},
+        evaluation=table_evaluation(9.87), wall_time_s=1800.0, git_commit="abcdef1234567890",
+        progress=[{"epoch": 10, "fid": 12.0}, {"epoch": 50, "fid": 8.5}, {"epoch": 100, "fid": 9.0}]))
+    write_metrics(folder / "nf_lr", record(
+        "a3_nf_template.py", {**NF_SETTINGS, "lr": 1e-3}, seed=1, curves={"val_bpd": [1.2, 1.0512]},
+        test={"bpd": 1.0498}, device="cuda", git_commit="1234567deadbeef-dirty"))
+    write_metrics(folder / "gan_as_declared", record("a3_gan_template.py", GAN_SETTINGS, seed=2))
+    write_metrics(folder / "gan_old", record("a3_gan_template.py", {"epochs": 200}))
+
+    text = tables.write_ablation_table(results, declared)
+
+    lines = (results / "ablations.md").read_text().splitlines()
+    assert "\n".join(lines) + "\n" == text
+    assert lines[0] == "# Ablations and seed studies"
+    assert lines[4] == "| " + " | ".join(tables.ABLATION_COLUMNS) + " |"
+    assert lines[6:] == [
+        "| `gan_batch_64` | the template's batch | batch_size=64, lr=0.0002, seed=42 | lr_decay_start=0.25 "
+        "(declared 0.5), r1_interval not recorded (declared 8), real_label=1 (no such setting now) | 9.87 | "
+        "8.50 (50) | n/a | 30.0 min | `abcdef1` |",
+        "| `nf_lr` | a higher learning rate | lr=0.001, seed=42 | seed=1 (declared 42) | n/a | n/a | "
+        "1.0512 / 1.0498 bits/dim | 10.0 min (cuda) | `1234567` |",
+        "| `gan_as_declared` | the default, seed 2 | seed=2 |  | n/a | n/a | n/a | 10.0 min | `0123456` |",
+        "| `gan_seed_3` | the default, seed 3 | seed=3 | n/a | not run yet | n/a | n/a | n/a | n/a |",
+        "| `gan_old` | not declared in experiments.py | n/a | n/a | n/a | n/a | n/a | 10.0 min | `0123456` |",
+    ]
+
+
+def test_ablation_table_names_the_template_base_and_another_script():
+    entry = Experiment("gan_template", "a3_gan_template.py", "the template's training", base="template")
+    assert tables.declared(entry) == "the template's settings, seed=42"
+    recorded = record("a3_nf_template.py", {"lr": 2e-4}, seed=42)
+    assert tables.also_differs(recorded, entry, {"lr": 2e-4}) == \
+        "script a3_nf_template.py (declared a3_gan_template.py)"
+
+
+def test_the_table_command_writes_every_table_and_regenerating_rewrites_no_file(tmp_path, capsys,
+                                                                                 committed_classifier):
+    """``python -m report.tables`` writes the comparison, the ablations table (a row per entry of
+    experiments.py, none run here) and the extension tables; run again on the same results, it leaves
+    every file as it was, byte for byte and untouched (git status stays clean)."""
+    results = fake_results(tmp_path / "results")
+    shutil.rmtree(results / "ablations")
+    (results / "reference.json").write_text(json.dumps(
+        {"key": evaluation.reference_key("abc"), "classifier_test_accuracy": 0.99, "rows": []}))
+    tables.main(["--results", str(results), "--device", "cpu"])
+    ablations = (results / "ablations.md").read_text().splitlines()
+    assert ablations[0] == "# Ablations and seed studies"
+    assert len(ablations) == 6 + len(experiments.EXPERIMENTS)
+    assert all("| not run yet |" in line for line in ablations[6:])
+    written = ["comparison.md", "comparison.json", "precision_recall.png", "precision_recall.pdf",
+               "ablations.md", *(f"extensions/{model}_extensions.{kind}" for model in ("vae", "nf")
+                                 for kind in ("md", "png", "pdf"))]
+    before = {name: ((results / name).read_bytes(), (results / name).stat().st_mtime_ns) for name in written}
+    tables.main(["--results", str(results), "--device", "cpu"])
+    after = {name: ((results / name).read_bytes(), (results / name).stat().st_mtime_ns) for name in written}
+    for name in written:
+        assert after[name][0] == before[name][0], f"{name} changed"
+        if name.endswith((".md", ".json")):
+            assert after[name][1] == before[name][1], f"{name} was rewritten"
+    assert "3 VAE and 3 flow runs" in capsys.readouterr().out
+
+
+def test_the_table_command_refuses_an_unknown_table(capsys):
+    with pytest.raises(SystemExit):
+        tables.main(["comparisons"])
+    assert "no table comparisons" in capsys.readouterr().err
+
+
+def test_extension_tables_from_the_runs_recorded_settings(tmp_path):
+    results = fake_results(tmp_path / "results")
+    extension_tables.write_all(results / "extensions", results / "nf", required=True)
+    vae = (results / "extensions" / "vae_extensions.md").read_text().splitlines()
+    # The Gaussian first, then the flows by posterior: K, k, epochs, minutes, -ELBO, NLL, gap, K_IS, data.
+    assert vae[2:5] == [
+        "| vae_gaussian | gaussian | – | 1 | 80 | 20.0 | 93.00 | 89.00 | 4.00 | 1000 | reproduction |",
+        "| vae_iaf_k4 | iaf | 4 | 1 | 80 | 20.0 | 90.50 | 88.25 | 2.25 | 1000 | reproduction |",
+        "| vae_planar_k8 | planar | 8 | 1 | 80 | 20.0 | 92.50 | 89.00 | 3.50 | 1000 | reproduction |"]
+    nf = (results / "extensions" / "nf_extensions.md").read_text().splitlines()
+    # The answer's MLP run first, then the extension runs by their recorded coupling and dequantization.
+    assert nf[2:5] == [
+        "| nf | mlp | uniform | 3,000,000 | 40 | 10.0 | 1.2468 | 1.2299 | 8 |",
+        "| nf_conv | conv | uniform | 30,000 | 3 | 15.0 | 1.2049 | 1.1801 | 8 |",
+        "| nf_conv_variational | conv | variational | 30,000 | 3 | 15.0 | 1.2051 | 1.1702 | 8 |"]
+    for stem in ("vae_extensions", "nf_extensions"):
+        assert all((results / "extensions" / f"{stem}.{kind}").exists() for kind in ("png", "pdf"))
+    lines = extension_tables.series(extension_tables.load_rows(results / "extensions"))
+    # Every flow line starts at the Gaussian posterior, K = 0.
+    assert [K for K, _ in lines[("planar", 1)]] == [0, 8] and [K for K, _ in lines[("iaf", 1)]] == [0, 4]
+
+
+def test_extension_runs_of_different_importance_samples_do_not_compare(tmp_path):
+    results = fake_results(tmp_path / "results")
+    iaf = read_json(results / "extensions" / "vae_iaf_k4" / "metrics.json")
+    iaf["test"]["importance_samples"] = 500
+    schema.write(results / "extensions" / "vae_iaf_k4" / "metrics.json", iaf)
+    with pytest.raises(RunError, match=r"different K \(\[500, 1000\]\)"):
+        extension_tables.load_rows(results / "extensions")
+
+
+def test_the_extension_tables_asked_for_without_runs_are_an_error(tmp_path, capsys):
+    with pytest.raises(RunError, match="no runs in .*make extensions"):
+        tables.main(["extensions", "--results", str(tmp_path)])
+    # Asked for every table, the missing extension runs only say so.
+    extension_tables.write_all(tmp_path / "extensions", tmp_path / "nf")
+    assert "no extension tables written" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- report.tex against the generated files
 
 def test_one_heading_per_question_in_the_assignments_order():
@@ -591,7 +925,7 @@ def figure_paths(numbers):
 
 def maker(path):
     """(what makes the figure at ``path``, the file it writes when it has finished). A run writes its
-    metrics.json after its figures; `python -m evaluation.extensions` writes the extensions' figures
+    metrics.json after its figures; `python -m report.tables extensions` writes the extensions' figures
     together with the table of the same name."""
     folder, name = path.split("/", 1)
     if folder == "extensions":

@@ -1,6 +1,7 @@
-"""The VAE's math against known answers, its training loop, and its command line end to end on a
-small fake MNIST folder."""
+"""The VAE's math against known answers, its schedules and training loop, and its command line end
+to end on a small fake MNIST folder."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,6 @@ import pytest
 import torch
 from conftest import (
     REPO,
-    assert_one_line_error,
     assert_rebuild_reproduces_the_run,
     assert_refused_in_one_line,
     assert_resume_keeps_the_run,
@@ -24,8 +24,9 @@ from scipy import integrate
 from scipy.special import logsumexp
 
 import a3_vae_template as vae
-import common
+import harness
 from datasets.loader import TensorLoader
+from harness.run import resolve_precision
 
 
 def tiny_vae(z_dim=2, hidden_dim=8, seed=0, hidden_layers=2):
@@ -36,7 +37,7 @@ def tiny_vae(z_dim=2, hidden_dim=8, seed=0, hidden_layers=2):
 def binary_images(n, seed=0):
     generator = torch.Generator().manual_seed(seed)
     # Pixel-dependent rates give the fake digits some structure for a model to learn.
-    rates = torch.linspace(0.05, 0.6, vae.IMAGE_DIM).expand(n, -1)
+    rates = torch.linspace(0.05, 0.6, vae.N_PIXELS).expand(n, -1)
     return torch.bernoulli(rates, generator=generator).reshape(n, 1, 28, 28)
 
 
@@ -44,27 +45,40 @@ def linear_shapes(net):
     return [(layer.in_features, layer.out_features) for layer in net if isinstance(layer, torch.nn.Linear)]
 
 
-# ---------------------------------------------------------------- model
+def quadrature_log_likelihood(model, x):
+    """log p(x) of a z_dim = 1 VAE: the integral of p(x|z) p(z) over z in [-8, 8] as a Riemann sum,
+    dz = 0.002, which for one variable is exact to far below the tests' tolerances."""
+    z = torch.linspace(-8, 8, 8001)[:, None]
+    with torch.no_grad():
+        log_px_given_z = -vae.reconstruction_loss(model.decoder.logits(z)[:, None], x.reshape(len(x), -1))
+    log_prior = -0.5 * z.double() ** 2 - 0.5 * math.log(2 * math.pi)
+    log_joint = log_px_given_z.double().numpy() + log_prior.numpy()
+    return logsumexp(log_joint, axis=0) + math.log(16 / 8000)
 
-@pytest.mark.parametrize("setting", [vae.OURS, vae.TEMPLATE], ids=["ours", "template"])
-def test_encoder_and_decoder_have_the_settings_hidden_layers(setting):
-    model = vae.VAE(vae.HIDDEN_DIM, 20, setting["hidden_layers"])
-    hidden = [(500, 500)] * (setting["hidden_layers"] - 1)
+
+# ---------------------------------------------------------------- settings and model
+
+@pytest.mark.parametrize("settings", [vae.DEFAULT, vae.TEMPLATE], ids=["default", "template"])
+def test_encoder_and_decoder_have_the_settings_hidden_layers(settings):
+    model = vae.VAE.from_settings(settings)
+    hidden = [(500, 500)] * (settings.hidden_layers - 1)
     assert linear_shapes(model.encoder.net) == [(784, 500), *hidden, (500, 40)]
     assert linear_shapes(model.decoder.net) == [(20, 500), *hidden, (500, 784)]
-    assert sum(isinstance(layer, torch.nn.ReLU) for layer in model.decoder.net) == setting["hidden_layers"]
+    assert sum(isinstance(layer, torch.nn.ReLU) for layer in model.decoder.net) == settings.hidden_layers
 
 
-def test_template_setting_is_the_course_template():
-    assert vae.TEMPLATE == {"hidden_layers": 1, "dynamic_binarization": False, "warmup_epochs": 0,
-                            "cosine_decay": False}
-    assert (vae.HIDDEN_DIM, vae.BATCH_SIZE, vae.LEARNING_RATE) == (500, 128, 1e-3)
+def test_template_settings_are_the_course_templates():
+    assert harness.settings.differences(vae.TEMPLATE, vae.DEFAULT) == {
+        "hidden_layers": 1, "dynamic_binarization": False, "kl_warmup_epochs": 0, "cosine_decay": False}
+    template = vae.TEMPLATE
+    assert (template.epochs, template.z_dim, template.hidden_dim, template.batch_size, template.lr) == \
+        (40, 20, 500, 128, 1e-3)
 
 
 def test_sample_shapes_and_ranges():
     model = tiny_vae(z_dim=4)
     sampled_ims, im_means = model.sample(9)
-    assert sampled_ims.shape == im_means.shape == (9, vae.IMAGE_DIM)
+    assert sampled_ims.shape == im_means.shape == (9, vae.N_PIXELS)
     assert set(sampled_ims.unique().tolist()) <= {0.0, 1.0}
     assert ((im_means > 0) & (im_means < 1)).all()
     mean, std = model.encoder(binary_images(5))
@@ -85,6 +99,21 @@ def test_kl_closed_form_matches_monte_carlo():
     torch.testing.assert_close(closed_form, monte_carlo, rtol=0.01, atol=0.0)
     exact = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, torch.ones(3))).sum(-1)
     torch.testing.assert_close(closed_form, exact)
+
+
+def test_posterior_draws_reparameterised_samples_with_their_log_density_ratio():
+    """The seam's three outputs for the Gaussian: z = mean + std * eps, log q(z|x) - log p(z) as
+    torch.distributions computes it, and the closed-form KL."""
+    model = tiny_vae(z_dim=3, hidden_dim=16)
+    x = binary_images(4).reshape(4, -1)
+    z, log_q_over_p, kl = model.posterior(x, 5, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mean, std = model.encoder(x)
+    eps = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(z, mean + std * eps)
+    q, p = torch.distributions.Normal(mean, std), torch.distributions.Normal(0.0, 1.0)
+    torch.testing.assert_close(log_q_over_p, (q.log_prob(z) - p.log_prob(z)).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, vae.kl_to_standard_normal(mean, std))
 
 
 def test_negative_elbo_matches_brute_force():
@@ -122,14 +151,14 @@ def degenerate_vae():
         for layer in (model.encoder.net[-1], model.decoder.net[-1]):
             layer.weight.zero_()
         model.encoder.net[-1].bias.zero_()
-        model.decoder.net[-1].bias.copy_(torch.linspace(-3, 3, vae.IMAGE_DIM))
+        model.decoder.net[-1].bias.copy_(torch.linspace(-3, 3, vae.N_PIXELS))
     return model
 
 
 def test_importance_sampling_is_exact_when_q_is_the_posterior():
     model = degenerate_vae()
     x = binary_images(6)
-    probabilities = torch.sigmoid(torch.linspace(-3, 3, vae.IMAGE_DIM)).double()
+    probabilities = torch.sigmoid(torch.linspace(-3, 3, vae.N_PIXELS)).double()
     flat = x.reshape(6, -1).double()
     exact = -(flat * probabilities.log() + (1 - flat) * (-probabilities).log1p()).sum(1).mean().item()
     negative_elbo, nll = vae.importance_bounds(model, TensorLoader(x, batch_size=4), n_samples=7)
@@ -182,228 +211,98 @@ def test_constant_images_give_finite_loss_even_with_saturated_decoder(pixel):
     loss = model(torch.full((4, 1, 28, 28), pixel))
     loss.backward()
     assert torch.isfinite(loss)
-    assert loss.item() == pytest.approx(200.0 * vae.IMAGE_DIM, rel=0.01)
+    assert loss.item() == pytest.approx(200.0 * vae.N_PIXELS, rel=0.01)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-# ---------------------------------------------------------------- flow posteriors, importance-weighted bound
-
-def flow_vae(posterior, z_dim=3, flow_steps=3, seed=0, hidden_dim=16):
-    torch.manual_seed(seed)
-    return vae.VAE(hidden_dim=hidden_dim, z_dim=z_dim, hidden_layers=1, posterior=posterior,
-                   flow_steps=flow_steps).eval()
-
-
-def flow_and_context(posterior, z_dim=3, steps=3, seed=0):
-    """A float64 flow and a random context for one image (planar: amortised u, w, b)."""
-    model = flow_vae(posterior, z_dim, steps, seed).double()
-    context = torch.randn(1, model.flow.context_dim, generator=torch.Generator().manual_seed(seed),
-                          dtype=torch.float64)
-    return model.flow, context
-
-
-@pytest.mark.parametrize("posterior", ["planar", "iaf"])
-def test_flow_log_determinant_is_that_of_autograds_jacobian(posterior):
-    flow, context = flow_and_context(posterior, z_dim=4, steps=3)
-    for seed in range(3):
-        z = torch.randn(1, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
-        jacobian = torch.autograd.functional.jacobian(lambda z: flow(z, context)[0][0], z)[:, 0]
-        _, log_det = flow(z, context)
-        assert log_det.item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-10)
-        assert abs(log_det.item()) > 1e-3  # not the identity: the check has something to check
-
-
-def test_each_iaf_step_is_autoregressive_in_alternating_order():
-    """Step 1 is lower triangular (z_i sees z_j, j < i), step 2 upper (the order reversed), and the
-    diagonal is sigmoid(s)."""
-    flow, context = flow_and_context("iaf", z_dim=4, steps=2)
-    z = torch.randn(1, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    for step, triangle in zip(flow.steps, (torch.tril, torch.triu), strict=True):
-        jacobian = torch.autograd.functional.jacobian(lambda z, step=step: step(z, context)[0][0], z)[:, 0]
-        torch.testing.assert_close(jacobian, triangle(jacobian))
-        assert (torch.diagonal(jacobian) > 0).all() and (torch.diagonal(jacobian) < 1).all()
-        assert (jacobian - torch.diagonal(jacobian).diag()).abs().sum() > 1e-3
-
-
-def test_planar_constraint_makes_every_step_invertible():
-    generator = torch.Generator().manual_seed(0)
-    u = torch.randn(10_000, 5, generator=generator, dtype=torch.float64) * 3
-    w = torch.randn(10_000, 5, generator=generator, dtype=torch.float64) * 3
-    assert ((w * u).sum(-1) < -1).float().mean() > 0.2  # many raw u break the condition
-    u_hat, one_plus_wu_hat = vae.constrain_planar_u(u, w)
-    wu_hat = (w * u_hat).sum(-1)
-    assert (wu_hat >= -1 - 1e-12).all()  # = -1 + softplus(w^T u) > -1, up to the dot product's rounding
-    assert (one_plus_wu_hat > 0).all()
-    torch.testing.assert_close(1 + wu_hat, one_plus_wu_hat, rtol=0, atol=1e-12)
-    # where the condition already held, u_hat moves only along w
-    parallel = u_hat - u - ((u_hat - u) * w).sum(-1, keepdim=True) * w / w.square().sum(-1, keepdim=True)
-    torch.testing.assert_close(parallel, torch.zeros_like(parallel))
-
-
-def gaussian_reference(model, x, seed, scale=1.0):
-    """L_recon and the sampled L_reg of the Gaussian posterior N(scale * mean, (scale * std)^2),
-    by torch.distributions, from the noise that the seeded ``loss_terms`` draws."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        mean, std, _ = model.encoder.posterior_parameters(x)
-        q = torch.distributions.Normal(scale * mean, scale * std)
-        z = q.loc + q.scale * torch.randn(1, *mean.shape)[0]
-        reconstruction = vae.reconstruction_loss(model.decoder.logits(z), x.reshape(len(x), -1))
-        regularisation = (q.log_prob(z) - torch.distributions.Normal(0.0, 1.0).log_prob(z)).sum(-1)
-    return reconstruction, regularisation
-
-
-@pytest.mark.parametrize("posterior, scale", [("planar", 1.0), ("iaf", 0.5 ** 3)])
-def test_flow_with_zeroed_parameters_is_the_gaussian_posterior(posterior, scale):
-    """Zero amortised planar parameters make every step the identity; a zeroed IAF output layer
-    gives m = 0, s = 0, so each of the 3 steps halves z. Either way q(z_K|x) is a Gaussian whose
-    one-sample objective, with the same noise, is known."""
-    model = flow_vae(posterior)
-    with torch.no_grad():
-        if posterior == "planar":
-            model.encoder.net[-1].weight[2 * model.z_dim:].zero_()
-            model.encoder.net[-1].bias[2 * model.z_dim:].zero_()
-        else:
-            for step in model.flow.steps:
-                step.output.weight.zero_()
-                step.output.bias.zero_()
-    x = binary_images(5).reshape(5, -1)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        reconstruction, regularisation = model.loss_terms(x)
-    expected_reconstruction, expected_regularisation = gaussian_reference(model, x, 7, scale)
-    torch.testing.assert_close(reconstruction, expected_reconstruction, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(regularisation, expected_regularisation, rtol=1e-6, atol=1e-5)
-
-
-def test_importance_weighted_bound_with_one_sample_is_the_elbo_estimate():
-    model = tiny_vae(z_dim=3, hidden_dim=16)
-    x = binary_images(5).reshape(5, -1)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        bound, negative_elbo = vae.importance_weighted_loss(model, x, 1)
-    reconstruction, regularisation = gaussian_reference(model, x, 3)
-    torch.testing.assert_close(bound, reconstruction + regularisation)
-    torch.testing.assert_close(negative_elbo, bound)
-    # the KL warm-up's beta scales the log-weights' log p(z) - log q(z|x), as it scales L_reg
-    torch.manual_seed(3)
-    with torch.no_grad():
-        warm, _ = vae.importance_weighted_loss(model, x, 1, kl_weight=0.25)
-    torch.testing.assert_close(warm, reconstruction + 0.25 * regularisation)
-
-
-def quadrature_log_likelihood(model, x):
-    """log p(x) of a z_dim = 1 VAE: the integral of p(x|z) p(z) over z in [-8, 8] as a Riemann sum,
-    dz = 0.002, which for one variable is exact to far below the tests' tolerances."""
-    z = torch.linspace(-8, 8, 8001)[:, None]
-    with torch.no_grad():
-        log_px_given_z = -vae.reconstruction_loss(model.decoder.logits(z)[:, None], x.reshape(len(x), -1))
-    log_prior = -0.5 * z.double() ** 2 - 0.5 * math.log(2 * math.pi)
-    log_joint = log_px_given_z.double().numpy() + log_prior.numpy()
-    return logsumexp(log_joint, axis=0) + math.log(16 / 8000)
-
-
-def test_importance_weighted_bound_rises_with_k_towards_log_likelihood():
-    """E[L_k] over many draws, on a z_dim = 1 VAE whose log p(x) quadrature gets exactly:
-    non-decreasing in k (Burda et al., 2016, theorem 1), below log p(x), and close to it at k = 256."""
-    model = tiny_vae(z_dim=1, hidden_dim=16, seed=3)
-    with torch.no_grad():
-        model.decoder.net[-1].weight.mul_(8)  # make p(x|z) depend strongly on z: a real gap
-    x = binary_images(2, seed=1).reshape(2, -1)
-    log_likelihood = quadrature_log_likelihood(model, x)
-    repeats = 400
-    torch.manual_seed(0)
-    means, errors = [], []
-    with torch.no_grad():
-        for k in (1, 4, 16, 256):
-            bounds = -vae.importance_weighted_loss(model, x.repeat(repeats, 1), k)[0].double()
-            bounds = bounds.reshape(repeats, 2)
-            means.append(bounds.mean(0).numpy())
-            errors.append(bounds.std(0).numpy() / math.sqrt(repeats))
-    for i in range(3):
-        assert (means[i + 1] - means[i] > 3 * np.hypot(errors[i], errors[i + 1])).all(), means
-    assert (means[-1] < log_likelihood + 3 * errors[-1]).all()
-    np.testing.assert_allclose(means[-1], log_likelihood, atol=0.3)
-    assert (log_likelihood - means[0] > 2).all()  # the ELBO's gap that the bound closes
-
-
-@pytest.mark.parametrize("posterior", ["planar", "iaf"])
-def test_importance_sampled_likelihood_with_a_flow_posterior_matches_quadrature(posterior):
-    """With q(z_K|x) = q_0(z_0|x) / prod |det|, the NLL estimate is unbiased in p(x) whatever the
-    flow: it must agree with quadrature, and the ELBO stay below it."""
-    model = flow_vae(posterior, z_dim=1, flow_steps=4, seed=3)
-    with torch.no_grad():
-        model.decoder.net[-1].weight.mul_(8)
-        if posterior == "planar":  # keep w away from 0, where u_hat (and the proposal) blows up
-            model.encoder.net[-1].bias[2:].view(4, 3)[:, 1] += 1.5
-    x = binary_images(4, seed=1)
-    log_likelihood = quadrature_log_likelihood(model, x)
-    negative_elbo, nll = vae.importance_bounds(model, TensorLoader(x, batch_size=4), 5000,
-                                               torch.Generator().manual_seed(0))
-    assert nll == pytest.approx(-log_likelihood.mean(), abs=0.1)
-    assert negative_elbo > nll + 0.5
-
-
-def test_training_on_the_importance_weighted_bound_returns_the_negative_elbo(monkeypatch):
-    """With iw_samples = k > 1 each step is on -L_k, and the epoch's value is still the negative ELBO."""
-    model = flow_vae("iaf", seed=2).train()
-    batches = list(binary_images(8, seed=3).split(4))
-    losses = []
-    monkeypatch.setattr(common, "check_finite", lambda loss, where: losses.append(loss.item()))
-    torch.manual_seed(5)
-    value = vae.epoch_iter(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), iw_samples=6)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        expected = [vae.importance_weighted_loss(model, x.reshape(4, -1), 6) for x in batches]
-    assert losses == pytest.approx([bound.mean().item() for bound, _ in expected], rel=1e-6)
-    assert value == pytest.approx(torch.cat([elbo for _, elbo in expected]).mean().item(), rel=1e-6)
-    assert all(elbo.mean() > bound.mean() for bound, elbo in expected)
 
 
 # ---------------------------------------------------------------- schedules
 
-def test_kl_warm_up_rises_linearly_then_stays_at_one():
-    assert [vae.kl_weights(epoch, 4) for epoch in (1, 2, 4, 5)] == [(0, 0.25), (0.25, 0.5), (0.75, 1), (1, 1)]
-    assert [vae.kl_weights(epoch, 0) for epoch in (1, 7)] == [(1, 1), (1, 1)]
+def old_lr(epoch, epochs, cosine_decay, lr=1e-3):
+    """The learning rate as it was set once per epoch (counted from 1) before the step-wise schedule."""
+    return lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs)) if cosine_decay else lr
+
+
+def old_betas(epoch, warmup_epochs, n_batches):
+    """The KL weights of an epoch's batches as they were computed once per epoch (counted from 1)."""
+    ends = (1.0, 1.0) if warmup_epochs == 0 else \
+        (min(1.0, (epoch - 1) / warmup_epochs), min(1.0, epoch / warmup_epochs))
+    return torch.linspace(*ends, n_batches + 1)[1:].tolist()
+
+
+@pytest.mark.parametrize("settings", [vae.DEFAULT, vae.TEMPLATE, dataclasses.replace(vae.DEFAULT, epochs=7)],
+                         ids=["default", "template", "7 epochs"])
+def test_learning_rate_at_every_step_is_the_per_epoch_value(settings):
+    steps_per_epoch = 5
+    for step in range(settings.epochs * steps_per_epoch):
+        expected = old_lr(step // steps_per_epoch + 1, settings.epochs, settings.cosine_decay)
+        assert vae.get_lr(step, steps_per_epoch, settings) == expected  # exactly
 
 
 def test_learning_rate_is_a_half_cosine_from_the_first_epoch_or_constant():
-    lr = vae.LEARNING_RATE
-    assert vae.get_lr(1, 40, True) == lr
-    assert vae.get_lr(21, 40, True) == pytest.approx(lr / 2)
-    assert vae.get_lr(40, 40, True) == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
-    rates = [vae.get_lr(epoch, 40, True) for epoch in range(1, 41)]
+    lr, settings = vae.DEFAULT.lr, vae.DEFAULT
+    assert vae.get_lr(0, 10, settings) == vae.get_lr(9, 10, settings) == lr
+    assert vae.get_lr(20 * 10, 10, settings) == pytest.approx(lr / 2)
+    rates = [vae.get_lr(epoch * 10, 10, settings) for epoch in range(40)]
     assert all(a > b > 0 for a, b in zip(rates, rates[1:], strict=False))
-    assert vae.get_lr(2, 2, True) == pytest.approx(lr / 2)
-    assert {vae.get_lr(epoch, 40, False) for epoch in range(1, 41)} == {lr}
+    assert {vae.get_lr(step, 10, vae.TEMPLATE) for step in range(400)} == {lr}
+
+
+@pytest.mark.parametrize("warmup", [5, 4, 2.5, 0])
+def test_kl_weight_at_every_step_is_the_per_batch_linspace(warmup):
+    settings = dataclasses.replace(vae.DEFAULT, kl_warmup_epochs=warmup)
+    steps_per_epoch = 7
+    for epoch in range(1, 8):
+        expected = old_betas(epoch, warmup, steps_per_epoch)
+        first = (epoch - 1) * steps_per_epoch
+        betas = [vae.kl_weight(first + b, steps_per_epoch, settings) for b in range(steps_per_epoch)]
+        assert betas == expected  # exactly
+
+
+def test_kl_warm_up_rises_linearly_then_stays_at_one():
+    settings = dataclasses.replace(vae.DEFAULT, kl_warmup_epochs=4)
+    assert [vae.kl_weight(step, 1, settings) for step in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
+    assert {vae.kl_weight(step, 3, vae.TEMPLATE) for step in range(30)} == {1.0}
 
 
 # ---------------------------------------------------------------- epoch loop
 
 def test_training_epoch_weights_the_kl_term_by_the_warm_up_and_returns_the_true_negative_elbo(monkeypatch):
-    """Batch k of n trains on L_recon + beta_k L_reg, beta_k rising linearly to kl_weight[1] over the
-    epoch; the value returned is the mean of L_recon + L_reg (beta = 1) over the images."""
+    """Batch b of the second epoch trains on L_recon + beta_b L_reg, beta_b rising linearly from 0.4 to
+    0.8 (warm-up over 2.5 epochs); the value returned is the mean of L_recon + L_reg (beta = 1)."""
     model = tiny_vae(z_dim=3, hidden_dim=16).train()
     with torch.no_grad():
         model.encoder.net[-1].weight.mul_(20)  # codes far from the prior: a KL term that matters
     batches = list(binary_images(12, seed=7).split(4))
     losses = []
-    monkeypatch.setattr(common, "check_finite", lambda loss, where: losses.append((loss.item(), where)))
+    monkeypatch.setattr(harness, "check_finite", lambda loss, where: losses.append((loss.item(), where)))
+    settings = dataclasses.replace(vae.DEFAULT, kl_warmup_epochs=2.5, lr=0.0)  # lr 0: the model stays
     torch.manual_seed(5)
-    value = vae.epoch_iter(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), kl_weight=(0.0, 0.6))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    value = vae.epoch_iter(model, batches, optimizer, settings, first_step=3)
 
     torch.manual_seed(5)  # the same reparameterisation noise, batch by batch
     expected, total = [], 0.0
     with torch.no_grad():
-        for step, (beta, x) in enumerate(zip((0.2, 0.4, 0.6), batches, strict=True)):
+        for step, (beta, x) in enumerate(zip((0.4 + 0.4 / 3, 0.4 + 0.8 / 3, 0.8), batches, strict=True), 3):
             reconstruction, regularisation = model.loss_terms(x)
             assert regularisation.mean() > 5
-            loss = (reconstruction + beta * regularisation).mean().item()
-            expected.append((loss, f"training batch {step}"))
+            expected.append(((reconstruction + beta * regularisation).mean().item(), f"training step {step}"))
             total += (reconstruction + regularisation).sum().item()
     assert [loss for loss, _ in losses] == pytest.approx([loss for loss, _ in expected], rel=1e-6)
     assert [where for _, where in losses] == [where for _, where in expected]
     assert value == pytest.approx(total / 12, rel=1e-6)
+
+
+def test_training_epoch_sets_the_schedules_lr_before_every_step(monkeypatch):
+    model = tiny_vae(z_dim=3, hidden_dim=16).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=123.0)
+    rates = []
+    monkeypatch.setattr(harness, "check_finite",
+                        lambda loss, where: rates.append(optimizer.param_groups[0]["lr"]))
+    settings = dataclasses.replace(vae.DEFAULT, epochs=4)
+    batches = list(binary_images(6).split(2))
+    vae.epoch_iter(model, batches, optimizer, settings, first_step=3)  # the second of 4 epochs
+    assert rates == [vae.get_lr(step, 3, settings) for step in (3, 4, 5)] == [old_lr(2, 4, True)] * 3
 
 
 def test_evaluation_epoch_takes_no_gradients_and_averages_over_images():
@@ -423,35 +322,34 @@ def test_a_nan_loss_stops_training_before_the_step():
     with torch.no_grad():
         model.decoder.net[-1].bias[0] = math.nan
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(common.RunError, match="loss became nan at training batch 0"):
+    with pytest.raises(harness.RunError, match="loss became nan at training step 0"):
         vae.epoch_iter(model, [binary_images(4)], torch.optim.SGD(model.parameters(), lr=0.1))
     for p, old in zip(model.parameters(), before, strict=True):
         torch.testing.assert_close(p, old, rtol=0, atol=0, equal_nan=True)
 
 
-def test_run_epoch_trains_in_the_runs_precision_and_validates_in_fp32(monkeypatch):
-    monkeypatch.setattr(common, "_training_precision", "bf16")
+def test_run_epoch_trains_in_the_given_precision_and_validates_in_fp32():
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
     model = tiny_vae(z_dim=3, hidden_dim=16)
     seen = []
     record_precision(model.encoder.net[0], seen)
     train, val = TensorLoader(binary_images(8), batch_size=4), TensorLoader(binary_images(4, 1), batch_size=4)
-    train_elbo, val_elbo = vae.run_epoch(model, (train, val), torch.optim.SGD(model.parameters(), lr=0.01))
+    train_elbo, val_elbo = vae.run_epoch(model, (train, val), torch.optim.SGD(model.parameters(), lr=0.01),
+                                         precision="bf16")
     assert seen == [(True, "bf16"), (True, "bf16"), (False, "ieee")]
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee" and not model.training
     assert np.isfinite([train_elbo, val_elbo]).all()
 
 
 @needs_amx
-def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32(monkeypatch):
+def test_bf16_training_step_keeps_the_loss_and_gradient_of_fp32():
     """On a fixed seed and batch, the full-size model's loss and gradient under the bf16 training
     matmuls agree with fp32, and the loss itself is computed in fp32."""
     images = binary_images(32, seed=4)
     results = {}
     for precision in ("fp32", "bf16"):
-        monkeypatch.setattr(common, "_training_precision", precision)
-        model = tiny_vae(z_dim=20, hidden_dim=vae.HIDDEN_DIM, seed=1).train()
-        with common.training_precision():
+        model = tiny_vae(z_dim=20, hidden_dim=vae.DEFAULT.hidden_dim, seed=1).train()
+        with harness.matmul_precision(precision):
             torch.manual_seed(2)
             reconstruction, regularisation = model.loss_terms(images)
             assert reconstruction.dtype == regularisation.dtype == torch.float32
@@ -471,7 +369,7 @@ def test_fused_adam_trains_as_plain_adam():
     models, values = [], []
     for fused in (True, False):
         model = tiny_vae(z_dim=4, hidden_dim=64).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=vae.LEARNING_RATE, fused=fused)
+        optimizer = torch.optim.Adam(model.parameters(), lr=vae.DEFAULT.lr, fused=fused)
         torch.manual_seed(1)
         values.append(vae.epoch_iter(model, batches, optimizer))
         models.append(model)
@@ -488,8 +386,7 @@ def test_fused_adam_trains_as_plain_adam():
 @pytest.fixture
 def smoke(fake_mnist, small_splits, monkeypatch):
     """The script on the fake MNIST folder with its real data, evaluation and classifier code, at
-    small sizes: batches of 32, 100 evaluation samples, a naive Monte-Carlo study of 2 x (10, 100)."""
-    monkeypatch.setattr(vae, "BATCH_SIZE", 32)
+    small sizes: 100 evaluation samples, a naive Monte-Carlo study of 2 x (10, 100)."""
     monkeypatch.setattr(vae, "EVALUATION_SAMPLES", 100)
     monkeypatch.setattr(vae, "NAIVE_MC_SAMPLE_COUNTS", (10, 100))
     monkeypatch.setattr(vae, "NAIVE_MC_REPEATS", 2)
@@ -497,8 +394,9 @@ def smoke(fake_mnist, small_splits, monkeypatch):
 
 
 def argv(root, out, *flags):
-    return ["--epochs", "2", "--zdim", "2", "--importance_samples", "4", "--device", "cpu",
-            "--data_root", str(root), "--out", str(out), *flags]
+    """2 epochs of 3 steps (90 fake training images in batches of 32), z = 2."""
+    return ["--epochs", "2", "--zdim", "2", "--importance_samples", "4", "--set", "batch_size=32",
+            "--device", "cpu", "--data_root", str(root), "--out", str(out), *flags]
 
 
 def run_main(root, out, *flags):
@@ -515,10 +413,17 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     expected = {f"{stem}.{ext}" for stem in figures for ext in ("png", "pdf")}
     assert {p.name for p in out.iterdir()} == expected | {"checkpoint.pt", "weights.pt", "metrics.json",
                                                           "train.log"}
+    assert set(metrics["figures"].values()) == set(figures)
+    assert metrics["figures"]["samples_halfway"] == "samples_epoch001"
+    assert metrics["figures"]["means_end"] == "means_epoch002"
+    assert metrics["milestones"] == {"halfway": 1, "kl_warmup_end": 6}
 
     assert metrics["epochs_completed"] == 2
-    assert metrics["setting"] == {**vae.OURS, "hidden_dim": 500, "batch_size": 32, "lr": 1e-3}
-    assert metrics["training_precision"] == common.resolve_precision("auto", torch.device("cpu"))
+    assert metrics["settings"] == {**dataclasses.asdict(vae.DEFAULT), "epochs": 2, "z_dim": 2,
+                                   "importance_samples": 4, "batch_size": 32}
+    assert metrics["training_precision"] == resolve_precision("auto", torch.device("cpu"))
+    assert metrics["data"] == {"binarized_mnist": "reproduction", "binarization_seed": 1234,
+                               "dynamic_binarization": True}
     curves = metrics["curves"]
     assert set(curves) == {"train_negative_elbo", "val_negative_elbo", "wall_time_s"}
     assert all(len(values) == 3 for values in curves.values())  # epoch 0 (untrained), 1 and 2
@@ -537,17 +442,18 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
 
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     group = saved["state"]["optimizer"]["param_groups"][0]
-    assert group["fused"] and group["lr"] == pytest.approx(vae.get_lr(2, 2, True))
+    settings = vae.Settings(**metrics["settings"])
+    assert group["fused"] and group["lr"] == vae.get_lr(5, 3, settings) == old_lr(2, 2, True)
     assert sorted(saved["extra"]["samples"]) == [0, 1, 2]
     images = vae.load_sampler(out / "checkpoint.pt")(6)
-    assert images.shape == (6, vae.IMAGE_DIM) and images.min() >= 0 and images.max() <= 1
+    assert images.shape == (6, vae.N_PIXELS) and images.min() >= 0 and images.max() <= 1
 
     # --resume of the finished run trains nothing and rewrites the same numbers.
     assert_resume_keeps_the_run(lambda: run_main(smoke, out, "--resume"), out, metrics, capsys)
 
-    # Resuming with other flags is refused, in one line that names the flag.
+    # Resuming with other settings is refused, in one line that names the setting.
     assert_refused_in_one_line(lambda: vae.main(argv(smoke, out, "--resume", "--zdim", "3")),
-                               "--zdim 2 (asked: 3)")
+                               "z_dim=2 (asked: 3)")
 
     # From the weights alone: every figure again, the same numbers (the bounds kept from the run).
     for figure in expected:
@@ -557,34 +463,50 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
 
 
 def test_template_flag_trains_the_templates_model_the_templates_way(smoke, monkeypatch):
-    calls = {"bmnist": [], "kl_weights": []}
-    bmnist, kl_weights = vae.bmnist, vae.kl_weights
+    calls = {"bmnist": [], "kl_weight": []}
+    bmnist, kl_weight = vae.bmnist, vae.kl_weight
     monkeypatch.setattr(vae, "bmnist", lambda *args, **kwargs: calls["bmnist"].append(kwargs)
                         or bmnist(*args, **kwargs))
-    monkeypatch.setattr(vae, "kl_weights", lambda *args: calls["kl_weights"].append(args)
-                        or kl_weights(*args))
+    monkeypatch.setattr(vae, "kl_weight", lambda *args: calls["kl_weight"].append(kl_weight(*args))
+                        or calls["kl_weight"][-1])
     out = smoke / "template"
     metrics = run_main(smoke, out, "--template")
 
     assert [kwargs["dynamic"] for kwargs in calls["bmnist"]] == [False]
-    assert calls["kl_weights"] == [(1, 0), (2, 0)]
-    assert metrics["setting"] == {**vae.TEMPLATE, "hidden_dim": 500, "batch_size": 32, "lr": 1e-3}
+    assert calls["kl_weight"] == [1.0] * 6  # no warm-up: beta = 1 at each of the 2 x 3 steps
+    assert metrics["settings"] == {**dataclasses.asdict(vae.TEMPLATE), "epochs": 2, "z_dim": 2,
+                                   "importance_samples": 4, "batch_size": 32}
+    assert metrics["milestones"] == {"halfway": 1, "kl_warmup_end": 1}
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     weights = [name for name in saved["state"]["model"] if name.endswith("weight")]
     assert weights == ["encoder.net.0.weight", "encoder.net.2.weight", "decoder.net.0.weight",
                        "decoder.net.2.weight"]  # one hidden layer each
-    assert saved["state"]["optimizer"]["param_groups"][0]["lr"] == vae.LEARNING_RATE  # no decay
+    assert saved["state"]["optimizer"]["param_groups"][0]["lr"] == vae.TEMPLATE.lr  # no decay
     assert metrics["n_params"] == sum(p.numel() for p in vae.VAE(500, 2, 1).parameters())
     assert vae.load_sampler(out / "checkpoint.pt")(3).shape == (3, 784)
+
+
+def test_set_overrides_reach_the_model_and_the_record(smoke):
+    out = smoke / "set"
+    metrics = run_main(smoke, out, "--set", "hidden_dim=24", "--set", "hidden_layers=3", "--set", "lr=2e-3",
+                       "--set", "cosine_decay=false", "--zdim", "3", "--set", "z_dim=4")
+    assert metrics["settings"]["hidden_dim"] == 24 and metrics["settings"]["lr"] == 2e-3
+    assert metrics["settings"]["z_dim"] == 4  # --set comes after the template's flag it overrides
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    shapes = [tuple(value.shape) for name, value in saved["state"]["model"].items()
+              if name.endswith("weight")]
+    assert shapes == [(24, 784), (24, 24), (24, 24), (8, 24), (24, 4), (24, 24), (24, 24), (784, 24)]
+    assert saved["state"]["optimizer"]["param_groups"][0]["lr"] == 2e-3
+    assert metrics["n_params"] == sum(p.numel() for p in vae.VAE(24, 4, 3).parameters())
 
 
 def test_resume_after_a_nan_matches_an_uninterrupted_run(smoke, monkeypatch):
     uninterrupted = run_main(smoke, smoke / "straight")
     out = smoke / "resumed"
-    kl_weights = vae.kl_weights
-    with monkeypatch.context() as patch, pytest.raises(common.RunError, match="loss became nan"):
-        patch.setattr(vae, "kl_weights", lambda epoch, warmup: (math.nan,) * 2 if epoch == 2
-                      else kl_weights(epoch, warmup))
+    kl_weight = vae.kl_weight
+    with monkeypatch.context() as patch, pytest.raises(harness.RunError, match="loss became nan"):
+        patch.setattr(vae, "kl_weight", lambda step, steps_per_epoch, settings: math.nan
+                      if step // steps_per_epoch == 1 else kl_weight(step, steps_per_epoch, settings))
         run_main(smoke, out)
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     assert saved["epoch"] == 1  # the failed epoch left the last good checkpoint alone
@@ -601,9 +523,15 @@ def test_resume_after_a_nan_matches_an_uninterrupted_run(smoke, monkeypatch):
 
 def test_a_corrupted_mnist_file_ends_in_one_line(smoke):
     path = corrupt(smoke)
-    with pytest.raises(SystemExit) as exit_info:
-        common.cli(lambda: vae.main(argv(smoke, smoke / "out")))
-    assert_one_line_error(exit_info, str(path), "corrupted or truncated")
+    assert_refused_in_one_line(lambda: vae.main(argv(smoke, smoke / "out")), str(path),
+                               "corrupted or truncated")
+
+
+@pytest.mark.parametrize("setting, fragments", [("nonsense=1", ("no setting 'nonsense'", "z_dim")),
+                                                ("z_dim=two", ("z_dim is an int",)),
+                                                ("z_dim=0", ("z_dim must be positive",))])
+def test_bad_settings_end_in_one_line(smoke, setting, fragments):
+    assert_refused_in_one_line(lambda: vae.main(argv(smoke, smoke / "out", "--set", setting)), *fragments)
 
 
 def test_a_corrupted_mnist_file_on_the_real_command_line_prints_no_traceback(tmp_path):
@@ -628,31 +556,14 @@ def test_bad_values_are_argparse_errors(flag, value, capsys):
     assert f"{flag}: must be a positive integer" in capsys.readouterr().err
 
 
-def test_defaults_and_removed_flags():
+def test_defaults_template_flags_and_removed_flags():
     args = vae.parse_args([])
-    assert (args.epochs, args.zdim, args.importance_samples, args.out) == (40, 20, 500, "results/vae")
-    for removed in ("--hidden-dim", "--lr", "--batch-size", "--warmup-epochs"):
+    assert args.out == "results/vae"
+    assert harness.settings.resolve(args, vae.DEFAULT, vae.TEMPLATE) == vae.DEFAULT
+    args = vae.parse_args(["--template", "--epochs", "3", "--zdim", "2", "--importance_samples", "7"])
+    assert harness.settings.resolve(args, vae.DEFAULT, vae.TEMPLATE) == dataclasses.replace(
+        vae.TEMPLATE, epochs=3, z_dim=2, importance_samples=7)
+    for removed in ("--hidden-dim", "--lr", "--batch-size", "--warmup-epochs", "--posterior", "--flow_steps",
+                    "--iw_samples"):
         with pytest.raises(SystemExit):
             vae.parse_args([removed, "1"])
-
-
-def test_smoke_run_with_an_iaf_posterior_on_the_importance_weighted_bound(smoke):
-    out = smoke / "iaf"
-    metrics = run_main(smoke, out, "--posterior", "iaf", "--flow_steps", "2", "--iw_samples", "3")
-    assert (metrics["args"]["posterior"], metrics["args"]["flow_steps"], metrics["args"]["iw_samples"]) == \
-        ("iaf", 2, 3)
-    assert metrics["data"] == {"binarized_mnist": "reproduction", "binarization_seed": 1234,
-                               "dynamic_binarization": True}
-    assert "uses the reproduction" in (out / "train.log").read_text()
-    assert metrics["n_params"] == sum(p.numel() for p in vae.VAE(500, 2, 2, "iaf", 2).parameters())
-    for split in ("validation", "test"):
-        assert 0 < metrics[split]["nll_importance"] <= metrics[split]["negative_elbo"]
-    images = vae.load_sampler(out / "checkpoint.pt")(4)
-    assert images.shape == (4, vae.IMAGE_DIM)
-
-
-def test_the_default_posterior_is_the_assignments_gaussian():
-    args = vae.parse_args([])
-    assert (args.posterior, args.iw_samples) == ("gaussian", 1)
-    model = vae.VAE(vae.HIDDEN_DIM, 20, 2, args.posterior, args.flow_steps)
-    assert model.flow is None and linear_shapes(model.encoder.net)[-1] == (500, 40)

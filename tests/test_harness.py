@@ -1,7 +1,9 @@
-"""common.py: flags, the run harness (seeds, log, checkpoint, resume, metrics, weights and the
-rebuild from them), the one-line errors of ``cli``, the training precision and the figures."""
+"""harness/: flags, settings and --set, the run (seeds, log, checkpoint, resume, metrics.json and its
+schema, weights and the rebuild from them), the one-line errors of ``cli``, the training precision
+and the figures."""
 
 import argparse
+import dataclasses
 import json
 import random
 import re
@@ -12,36 +14,38 @@ import pytest
 import torch
 from conftest import needs_amx
 
-import common
 from datasets.raw import ChecksumError, DataError
+from harness import figures, files, schema, settings
+from harness import run as harness_run
+from harness.files import RunError
 
 # ---------------------------------------------------------------- flags
 
 @pytest.mark.parametrize("text, value", [("1", 1), ("128", 128)])
 def test_positive_int_accepts(text, value):
-    assert common.positive_int(text) == value
+    assert harness_run.positive_int(text) == value
 
 
 @pytest.mark.parametrize("text", ["0", "-3"])
 def test_positive_int_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
-        common.positive_int(text)
+        harness_run.positive_int(text)
 
 
 @pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("2.5", 2.5)])
 def test_positive_float_accepts(text, value):
-    assert common.positive_float(text) == value
+    assert harness_run.positive_float(text) == value
 
 
 @pytest.mark.parametrize("text", ["0", "-1e-3", "nan", "inf"])
 def test_positive_float_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError, match="positive number"):
-        common.positive_float(text)
+        harness_run.positive_float(text)
 
 
 def test_bad_numbers_are_argparse_errors(capsys):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=common.positive_int)
+    parser.add_argument("--epochs", type=harness_run.positive_int)
     for bad in ("0", "1.5", "ten"):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(["--epochs", bad])
@@ -56,13 +60,14 @@ DOC = """Train something.
 
 
 def run_parser():
-    return common.add_run_args(common.argument_parser(DOC), out="results/test")
+    return harness_run.add_run_args(harness_run.argument_parser(DOC), out="results/test")
 
 
 def test_run_flags_and_their_defaults():
     args = run_parser().parse_args([])
-    assert vars(args) == {"template": False, "out": "results/test", "resume": False, "from_weights": False,
-                          "seed": 42, "device": "auto", "precision": "auto", "data_root": None}
+    assert vars(args) == {"template": False, "overrides": [], "out": "results/test", "resume": False,
+                          "from_weights": False, "seed": 42, "device": "auto", "precision": "auto",
+                          "data_root": None}
     args = run_parser().parse_args(["--template", "--resume", "--seed", "3", "--device", "cpu",
                                     "--precision", "fp32"])
     assert (args.template, args.resume, args.seed, args.device, args.precision) == (True, True, 3, "cpu",
@@ -103,14 +108,14 @@ def test_flags_are_spelled_with_underscores(tmp_path, capsys):
 # ---------------------------------------------------------------- device, seeds, precision
 
 def test_get_device():
-    assert common.get_device("cpu") == torch.device("cpu")
-    assert common.get_device("auto").type in {"cpu", "cuda", "mps"}
+    assert harness_run.get_device("cpu") == torch.device("cpu")
+    assert harness_run.get_device("auto").type in {"cpu", "cuda", "mps"}
     if not torch.cuda.is_available():
-        with pytest.raises(common.RunError, match="--device cuda"):
-            common.get_device("cuda")
+        with pytest.raises(RunError, match="--device cuda"):
+            harness_run.get_device("cuda")
     if not torch.backends.mps.is_available():
-        with pytest.raises(common.RunError, match="--device mps"):
-            common.get_device("mps")
+        with pytest.raises(RunError, match="--device mps"):
+            harness_run.get_device("mps")
 
 
 def draws():
@@ -119,54 +124,50 @@ def draws():
 
 
 def test_seed_everything_seeds_all_three_generators():
-    common.seed_everything(5)
+    harness_run.seed_everything(5)
     first = draws()
-    common.seed_everything(5)
+    harness_run.seed_everything(5)
     assert draws() == first
-    common.seed_everything(6)
+    harness_run.seed_everything(6)
     assert draws() != first
 
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_auto_precision_is_bf16_on_cpus_with_amx_only(amx, monkeypatch):
-    monkeypatch.setattr(common, "has_amx", lambda: amx)
+    monkeypatch.setattr(harness_run, "has_amx", lambda: amx)
     cpu = torch.device("cpu")
-    assert common.resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
-    assert common.resolve_precision("auto", torch.device("cuda")) == "fp32"
-    assert common.resolve_precision("fp32", cpu) == "fp32"
-    assert common.resolve_precision("bf16", cpu) == "bf16"  # asked for: the user's choice
-    with pytest.raises(common.RunError, match="--precision bf16"):
-        common.resolve_precision("bf16", torch.device("cuda"))
+    assert harness_run.resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
+    assert harness_run.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert harness_run.resolve_precision("fp32", cpu) == "fp32"
+    assert harness_run.resolve_precision("bf16", cpu) == "bf16"  # asked for: the user's choice
+    with pytest.raises(RunError, match="--precision bf16"):
+        harness_run.resolve_precision("bf16", torch.device("cuda"))
 
 
-def test_training_precision_sets_and_restores_onednn_matmul_precision(monkeypatch):
-    monkeypatch.setattr(common, "_training_precision", "bf16")
+def test_matmul_precision_sets_and_restores_onednn_matmul_precision():
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
-    with common.training_precision():
+    with harness_run.matmul_precision("bf16"):
         assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
-    with pytest.raises(RuntimeError, match="a failing step"), common.training_precision():
+    with pytest.raises(RuntimeError, match="a failing step"), harness_run.matmul_precision("bf16"):
         raise RuntimeError("a failing step")
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
 
 
-def test_training_precision_is_a_no_op_for_fp32(monkeypatch):
-    monkeypatch.setattr(common, "_training_precision", "fp32")
+def test_matmul_precision_is_a_no_op_for_fp32():
     for setting in ("ieee", "none"):
         torch.backends.mkldnn.matmul.fp32_precision = setting
-        with common.training_precision():
+        with harness_run.matmul_precision("fp32"):
             assert torch.backends.mkldnn.matmul.fp32_precision == setting
         assert torch.backends.mkldnn.matmul.fp32_precision == setting
 
 
-def test_a_run_sets_the_precision_that_training_precision_applies(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "has_amx", lambda: True)
-    run = common.Run(run_args(tmp_path, precision="auto"))
-    assert run.precision == common._training_precision == "bf16"
-    with common.training_precision():
-        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
-    common.Run(run_args(tmp_path, precision="fp32"))
-    assert common._training_precision == "fp32"
+def test_a_run_chooses_its_precision_once_and_changes_nothing_process_wide(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness_run, "has_amx", lambda: True)
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    assert harness_run.Run(run_args(tmp_path, precision="auto"), Toy()).precision == "bf16"
+    assert harness_run.Run(run_args(tmp_path, precision="fp32"), Toy()).precision == "fp32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"  # only matmul_precision() sets it
 
 
 @needs_amx
@@ -177,8 +178,7 @@ def test_bf16_training_matmuls_round_the_inputs_of_fp32_matmuls(monkeypatch):
     a, b = torch.randn(64, 256, generator=generator), torch.randn(256, 32, generator=generator)
     exact = a.double() @ b.double()
     rounded = a.bfloat16().double() @ b.bfloat16().double()
-    monkeypatch.setattr(common, "_training_precision", "bf16")
-    with common.training_precision():
+    with harness_run.matmul_precision("bf16"):
         inside = a @ b
     assert inside.dtype == torch.float32
     torch.testing.assert_close((a @ b).double(), exact, rtol=1e-5, atol=1e-4)
@@ -187,65 +187,153 @@ def test_bf16_training_matmuls_round_the_inputs_of_fp32_matmuls(monkeypatch):
 
 
 def test_check_finite_raises_a_run_error_naming_where():
-    common.check_finite(torch.tensor(1.5), "epoch 1")
+    harness_run.check_finite(torch.tensor(1.5), "epoch 1")
     for bad in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(common.RunError, match="at epoch 2 step 7.*--resume"):
-            common.check_finite(torch.tensor(bad), "epoch 2 step 7")
+        with pytest.raises(RunError, match="at epoch 2 step 7.*--resume"):
+            harness_run.check_finite(torch.tensor(bad), "epoch 2 step 7")
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclasses.dataclass(frozen=True)
+class Choices:
+    """Settings of every kind a script has."""
+    epochs: int = 40
+    lr: float = 1e-3
+    dynamic: bool = True
+    clip: float | None = 100.0
+    coupling: str = "mlp"
+
+
+def resolved(*argv):
+    args = run_parser().parse_args(argv)
+    return settings.resolve(args, Choices(), Choices(epochs=3, dynamic=False, clip=None))
+
+
+def test_set_overrides_each_kind_of_field_by_its_type():
+    assert resolved() == Choices()
+    assert resolved("--template") == Choices(epochs=3, dynamic=False, clip=None)
+    assert resolved("--set", "epochs=7", "--set", "lr=2e-4", "--set", "dynamic=false", "--set", "clip=none",
+                    "--set", "coupling=conv") == Choices(7, 2e-4, False, None, "conv")
+    assert resolved("--template", "--set", "clip=0.5", "--set", "dynamic=yes") == \
+        Choices(epochs=3, dynamic=True, clip=0.5)
+    assert isinstance(resolved("--set", "lr=1").lr, float)  # "1" read as the field's type
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("epoch=3", "no setting 'epoch' (the settings are: epochs, lr, dynamic, clip, coupling)"),
+    ("epochs", "write name=value"),
+    ("epochs=3.5", "epochs is an int"),
+    ("lr=fast", "lr is a float"),
+    ("lr=-1", "lr is a finite number >= 0"),
+    ("clip=inf", "clip is a finite number >= 0"),
+    ("dynamic=maybe", "dynamic is true or false"),
+])
+def test_a_bad_set_is_one_line_naming_it(assignment, message):
+    with pytest.raises(SystemExit) as exit_info:
+        resolved("--set", assignment)
+    assert exit_info.value.code == f"error: --set {assignment}: {message}"
+
+
+def test_settings_differences_and_description():
+    changed = Choices(epochs=3, coupling="conv")
+    assert settings.differences(changed, Choices()) == {"epochs": 3, "coupling": "conv"}
+    assert settings.describe(changed) == "epochs=3 lr=0.001 dynamic=True clip=100.0 coupling=conv"
+    assert settings.as_dict(changed)["epochs"] == 3
+
+
+# ---------------------------------------------------------------- metrics.json
+
+def a_record(**changes):
+    return {**{key: None for key in schema.REQUIRED}, "schema_version": schema.SCHEMA_VERSION, **changes}
+
+
+def test_schema_writes_and_reads_a_record_and_refuses_other_shapes(tmp_path):
+    record = a_record(settings={"epochs": 2}, test={"bpd": 1.5})
+    text = schema.write(tmp_path / "metrics.json", record)
+    assert schema.read(tmp_path) == schema.read(tmp_path / "metrics.json") == record
+    assert text == (tmp_path / "metrics.json").read_text()
+    with pytest.raises(schema.SchemaError, match=r"missing \['seed'\], undeclared \['bpd'\]"):
+        schema.write(tmp_path / "bad.json", {**{k: v for k, v in record.items() if k != "seed"}, "bpd": 1})
+    (tmp_path / "old.json").write_text(json.dumps({"args": {"epochs": 2}, "curves": {}}))
+    with pytest.raises(schema.SchemaError, match="old.json: metrics.json of schema"):
+        schema.read(tmp_path / "old.json")
+    (tmp_path / "next.json").write_text(json.dumps(a_record(schema_version=schema.SCHEMA_VERSION + 1)))
+    with pytest.raises(schema.SchemaError, match=f"is of schema {schema.SCHEMA_VERSION + 1}"):
+        schema.read(tmp_path / "next.json")
+
+
+def test_same_numbers_compares_floats_to_a_relative_tolerance():
+    same = harness_run.same_numbers
+    assert same({"a": [1.0, 2, "x"], "b": None}, {"a": [1.0 + 1e-9, 2, "x"], "b": None})
+    assert not same({"a": 1.0}, {"a": 1.01})
+    assert not same({"a": [1.0]}, {"a": [1.0, 2.0]})
+    assert not same({"a": 1.0}, {"b": 1.0})
+    assert not same({"a": "1.0"}, {"a": 1.0})
 
 
 # ---------------------------------------------------------------- files and checkpoints
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "metrics.json"
-    common.write_json(path, {"epoch": 1})
+    files.atomic_write(path, lambda tmp: tmp.write_text('{"epoch": 1}'))
 
     def crash(tmp):
         tmp.write_text('{"epo')
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        common.atomic_write(path, crash)
+        files.atomic_write(path, crash)
     assert json.loads(path.read_text()) == {"epoch": 1}
 
 
-def test_write_json_round_trip(tmp_path):
-    obj = {"fid": 12.5, "curves": {"loss": [3.0, 2.0]}, "n": 7}
-    common.write_json(tmp_path / "sub" / "m.json", obj)
-    assert json.loads((tmp_path / "sub" / "m.json").read_text()) == obj
+def test_write_text_if_changed_leaves_an_equal_file_untouched(tmp_path):
+    path = tmp_path / "sub" / "table.md"
+    assert files.write_text_if_changed(path, "a\n") and path.read_text() == "a\n"
+    mtime = path.stat().st_mtime_ns
+    assert not files.write_text_if_changed(path, "a\n") and path.stat().st_mtime_ns == mtime
+    assert files.write_text_if_changed(path, "b\n") and path.read_text() == "b\n"
     assert not list((tmp_path / "sub").glob("*.tmp"))
 
 
 def test_git_commit_names_the_checked_out_commit():
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", common.git_commit())
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", files.git_commit())
 
 
 def test_load_checkpoint_refuses_a_missing_file(tmp_path):
-    with pytest.raises(common.RunError, match="does not exist: train the model first"):
-        common.load_checkpoint(tmp_path / "checkpoint.pt")
+    with pytest.raises(RunError, match="does not exist: train the model first"):
+        files.load_checkpoint(tmp_path / "checkpoint.pt")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", bytes(range(256)) * 4])
 def test_load_checkpoint_refuses_a_garbage_file(tmp_path, content):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(content)
-    with pytest.raises(common.RunError, match="cannot be read as a checkpoint"):
-        common.load_checkpoint(path)
+    with pytest.raises(RunError, match="cannot be read as a checkpoint"):
+        files.load_checkpoint(path)
 
 
-@pytest.mark.parametrize("payload", [{"model": {}}, {"args": {}, "state": {}}, [1, 2, 3],
+@pytest.mark.parametrize("payload", [{"model": {}}, {"settings": {}, "seed": 1, "state": {}}, [1, 2, 3],
                                      torch.zeros(3)], ids=["other keys", "no epoch", "list", "tensor"])
 def test_load_checkpoint_refuses_what_run_save_did_not_write(tmp_path, payload):
     path = tmp_path / "checkpoint.pt"
     torch.save(payload, path)
-    with pytest.raises(common.RunError, match="is not a checkpoint of this code"):
-        common.load_checkpoint(path)
+    with pytest.raises(RunError, match="is not a checkpoint of this code"):
+        files.load_checkpoint(path)
 
 
 # ---------------------------------------------------------------- the run harness
 
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    """A script's settings: two fields."""
+    z_dim: int = 2
+    epochs: int = 2
+
+
 def run_args(out, **changes):
-    """The flags of a script with one flag of its own, --zdim."""
-    return SimpleNamespace(**{"zdim": 2, "template": False, "out": str(out), "resume": False,
+    """The flags every script has."""
+    return SimpleNamespace(**{"template": False, "overrides": [], "out": str(out), "resume": False,
                               "from_weights": False, "seed": 42, "device": "cpu", "precision": "fp32",
                               "data_root": str(out), **changes})
 
@@ -278,9 +366,9 @@ def test_a_new_run_seeds_flushes_denormals_and_starts_its_log(tmp_path):
     denormal = torch.tensor([1e-39])  # below float32's smallest normal number, 1.18e-38
     assert (denormal * 1.0).item() != 0
 
-    run = common.Run(run_args(out, seed=5, data_root=str(tmp_path / "data")))
+    run = harness_run.Run(run_args(out, seed=5, data_root=str(tmp_path / "data")), Toy())
     first = draws()
-    common.seed_everything(5)
+    harness_run.seed_everything(5)
     assert draws() == first
     assert (denormal * 1.0).item() == 0
     assert (run.device, run.precision, run.epoch, run.curves) == (torch.device("cpu"), "fp32", 0, {})
@@ -288,20 +376,20 @@ def test_a_new_run_seeds_flushes_denormals_and_starts_its_log(tmp_path):
     log = (out / "train.log").read_text().splitlines()
     assert len(log) == 1  # the old log is gone
     # What the run computes is named; where it runs and writes is not.
-    assert log[0].endswith(": --zdim 2 --seed 5 --precision fp32 | cpu, training matmuls in fp32")
+    assert log[0].endswith(": z_dim=2 epochs=2 seed=5 | cpu, training matmuls in fp32")
     assert run.restore(model=torch.nn.Linear(1, 1)) == {}  # nothing to resume
 
 
 def test_data_root_defaults_to_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run = common.Run(run_args(tmp_path / "out", data_root=None))
-    assert run.data_root == common.DEFAULT_DATA_ROOT and (tmp_path / "data").is_dir()
+    run = harness_run.Run(run_args(tmp_path / "out", data_root=None), Toy())
+    assert run.data_root == harness_run.DEFAULT_DATA_ROOT and (tmp_path / "data").is_dir()
 
 
 def test_epochs_timing_curves_and_checkpoint_round_trip(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(common.time, "perf_counter", FakeClock(0.0, 2.5, 0.0, 1.5))
-    run = common.Run(run_args(out))
+    monkeypatch.setattr(harness_run.time, "perf_counter", FakeClock(0.0, 2.5, 0.0, 1.5))
+    run = harness_run.Run(run_args(out), Toy())
     model, optimizer = model_and_optimizer(0)
     assert list(run.epochs(3)) == [1, 2, 3]
     run.record(loss=5.0)  # epoch 0: the untrained model
@@ -312,15 +400,15 @@ def test_epochs_timing_curves_and_checkpoint_round_trip(tmp_path, monkeypatch):
         run.record(loss=1.0 / epoch)
     assert run.curves == {"loss": [5.0, 1.0, 0.5], "wall_time_s": [0.0, 2.5, 4.0]}
     assert (run.seconds, run.images) == (4.0, 200)
-    common.seed_everything(123)
+    harness_run.seed_everything(123)
     run.save({"samples": [1, 2]}, model=model, optimizer=optimizer)
     expected_draws = draws()
     log = (out / "train.log").read_text()
     assert "epoch 0  loss 5\n" in log and "epoch 2  loss 0.5  (1.5 s)\n" in log
 
     other_model, other_optimizer = model_and_optimizer(1)
-    common.seed_everything(999)
-    resumed = common.Run(run_args(out, resume=True))
+    harness_run.seed_everything(999)
+    resumed = harness_run.Run(run_args(out, resume=True), Toy())
     assert resumed.restore(model=other_model, optimizer=other_optimizer) == {"samples": [1, 2]}
     assert draws() == expected_draws, "the next random numbers after resume must be the saved ones"
     assert (resumed.epoch, resumed.curves, resumed.seconds, resumed.images) == (
@@ -338,41 +426,43 @@ def test_epochs_timing_curves_and_checkpoint_round_trip(tmp_path, monkeypatch):
 
 
 def test_a_run_killed_before_its_first_save_starts_afresh_on_resume(tmp_path):
-    run = common.Run(run_args(tmp_path, resume=True))
+    run = harness_run.Run(run_args(tmp_path, resume=True), Toy())
     assert not run.resuming and run.restore(model=torch.nn.Linear(1, 1)) == {}
 
 
-def test_restore_refuses_a_checkpoint_of_other_flags_and_names_them(tmp_path):
-    common.Run(run_args(tmp_path)).save(model=torch.nn.Linear(2, 2))
-    for changes, named in (({"zdim": 3}, "--zdim 2 (asked: 3)"),
-                           ({"template": True}, "--template False (asked: True)"),
-                           ({"seed": 1, "precision": "bf16"}, "--precision fp32 (asked: bf16), --seed 42 "
-                                                              "(asked: 1)")):
-        run = common.Run(run_args(tmp_path, resume=True, **changes))
-        with pytest.raises(common.RunError) as error:
+def test_restore_refuses_a_checkpoint_of_other_settings_and_names_them(tmp_path):
+    harness_run.Run(run_args(tmp_path), Toy()).save(model=torch.nn.Linear(2, 2))
+    for toy, changes, named in ((Toy(z_dim=3), {}, "z_dim=2 (asked: 3)"),
+                                (Toy(epochs=5), {"seed": 1}, "epochs=2 (asked: 5), seed=42 (asked: 1)")):
+        run = harness_run.Run(run_args(tmp_path, resume=True, **changes), toy)
+        with pytest.raises(RunError) as error:
             run.restore(model=torch.nn.Linear(2, 2))
-        assert f"was trained with {named}: rerun with its flags" in str(error.value)
+        assert f"was trained with {named}: rerun with its settings" in str(error.value)
 
 
-def test_restore_accepts_other_output_device_and_data_flags(tmp_path):
+def test_restore_accepts_other_output_device_precision_and_data_flags(tmp_path):
     model = torch.nn.Linear(2, 2)
-    common.Run(run_args(tmp_path)).save(model=model)
+    harness_run.Run(run_args(tmp_path), Toy()).save(model=model)
     other = torch.nn.Linear(2, 2)
-    run = common.Run(run_args(tmp_path, resume=True, device="auto", data_root=str(tmp_path / "elsewhere")))
+    run = harness_run.Run(run_args(tmp_path, resume=True, device="auto", precision="auto",
+                                   data_root=str(tmp_path / "elsewhere")), Toy())
     run.restore(model=other)
     assert torch.equal(other.weight, model.weight)
 
 
 def test_finish_writes_the_metrics(tmp_path, monkeypatch):
-    monkeypatch.setattr(common.time, "perf_counter", FakeClock(0.0, 4.0))
-    run = common.Run(run_args(tmp_path))
+    monkeypatch.setattr(harness_run.time, "perf_counter", FakeClock(0.0, 4.0))
+    run = harness_run.Run(run_args(tmp_path, seed=7), Toy(z_dim=3))
     with run.timed(n_images=600):
         pass
     run.record(loss=2.0)
     model = torch.nn.Linear(4, 3)
-    metrics = run.finish(model, test={"bpd": 1.5})
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-    assert metrics["args"] == vars(run_args(tmp_path))
+    metrics = run.finish(model, {"test": {"bpd": 1.5}}, milestones={"halfway": 1},
+                         figures={"samples_end": "samples_end"})
+    assert schema.read(tmp_path) == metrics == json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["schema_version"] == schema.SCHEMA_VERSION
+    assert (metrics["settings"], metrics["seed"]) == ({"z_dim": 3, "epochs": 2}, 7)
+    assert (metrics["milestones"], metrics["figures"]) == ({"halfway": 1}, {"samples_end": "samples_end"})
     assert (metrics["n_params"], metrics["epochs_completed"], metrics["wall_time_s"]) == (15, 1, 4.0)
     assert metrics["images_per_s"] == 150.0
     assert metrics["curves"] == {"loss": [2.0], "wall_time_s": [4.0]}
@@ -380,7 +470,7 @@ def test_finish_writes_the_metrics(tmp_path, monkeypatch):
     assert (metrics["device"], metrics["training_precision"], metrics["torch"]) == ("cpu", "fp32",
                                                                                     torch.__version__)
     assert metrics["threads"] == torch.get_num_threads()
-    assert metrics["git_commit"] == common.git_commit()
+    assert metrics["git_commit"] == files.git_commit()
     for key in ("command", "device_name", "finished"):
         assert metrics[key]
     assert "done: 0.1 min of training" in (tmp_path / "train.log").read_text()
@@ -398,46 +488,50 @@ def test_weights_round_trip_weights_only_and_a_flipped_byte_is_refused(tmp_path)
     model = torch.nn.Linear(4, 3)
     samples = {0: (torch.ones(2, 784, dtype=torch.uint8), torch.rand(2, 784))}
     path = tmp_path / "weights.pt"
-    digest = common.save_weights(path, {"model": model, "samples": samples})
-    assert digest == common.sha256(path.read_bytes())
+    digest = files.save_weights(path, {"model": model, "samples": samples})
+    assert digest == files.sha256(path.read_bytes())
     plain = torch.load(path, weights_only=True)  # a plain file of tensors: no code is unpickled
     assert set(plain) == {"model", "samples"} and torch.equal(plain["model"]["weight"], model.weight)
-    loaded = common.load_verified(path, digest)
+    loaded = files.load_verified(path, digest)
     assert torch.equal(loaded["samples"][0][1], samples[0][1])
     assert loaded["samples"][0][0].dtype == torch.uint8
     flip_a_byte(path)
-    with pytest.raises(common.RunError, match="is corrupted or from another run"):
-        common.load_verified(path, digest)
-    with pytest.raises(common.RunError, match="does not exist"):
-        common.load_verified(tmp_path / "missing.pt", digest)
+    with pytest.raises(RunError, match="is corrupted or from another run"):
+        files.load_verified(path, digest)
+    with pytest.raises(RunError, match="does not exist"):
+        files.load_verified(tmp_path / "missing.pt", digest)
 
 
 def test_weights_over_the_limit_are_not_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "WEIGHTS_LIMIT", 1000)
+    monkeypatch.setattr(files, "WEIGHTS_LIMIT", 1000)
     path = tmp_path / "weights.pt"
     path.write_bytes(b"an old run's weights")
-    assert common.save_weights(path, {"model": torch.nn.Linear(100, 100)}) is None
+    assert files.save_weights(path, {"model": torch.nn.Linear(100, 100)}) is None
     assert not path.exists()
 
 
-def toy_main(out, **flags):
-    """A toy script's main: train a Linear model for 2 epochs, then measure it and finish, keeping a
-    figure's data (``grid``) from training in its weights. Returns (metrics, epochs trained, grid)."""
-    run = common.Run(run_args(out, epochs=2, **flags))
+def toy_main(out, toy=Toy(), **flags):
+    """A toy script's main: train a Linear model for 2 epochs (or, with --from_weights, load it), then
+    measure it and finish, keeping a figure's data (``grid``) from training in its weights. Returns
+    (metrics, epochs trained, grid)."""
+    run = harness_run.Run(run_args(out, **flags), toy)
     model, optimizer = model_and_optimizer(0)
-    extra = run.restore(model=model, optimizer=optimizer)
     trained = []
-    for epoch in run.epochs(2):
-        with run.timed(n_images=10):
-            trained.append(epoch)
-            model.weight.data += 1.0
-        run.record(loss=float(epoch))
-        run.save(model=model, optimizer=optimizer)
+    if run.from_weights:
+        extra = run.load_weights(model=model)
+    else:
+        extra = run.restore(model=model, optimizer=optimizer)
+        for epoch in run.epochs(toy.epochs):
+            with run.timed(n_images=10):
+                trained.append(epoch)
+                model.weight.data += 1.0
+            run.record(loss=float(epoch))
+            run.save(model=model, optimizer=optimizer)
     grid = extra.get("grid", torch.arange(3) + len(trained))
     # Like the GAN's progress curve, which needs training-time snapshots: empty when rebuilt.
-    progress = [1.0, 2.0] if trained else []
-    metrics = run.finish(model, weights={"model": model, "grid": grid},
-                         test={"measured": model(torch.ones(1, 4)).sum().item()}, progress=progress)
+    progress = [{"epoch": 1}] if trained else []
+    results = {"test": {"measured": model(torch.ones(1, 4)).sum().item()}, "progress": progress}
+    metrics = run.finish(model, results, weights={"model": model, "grid": grid}, milestones={"halfway": 1})
     return metrics, trained, grid
 
 
@@ -445,54 +539,60 @@ def test_a_run_rebuilt_from_its_weights_trains_nothing_and_reproduces_its_measur
     out = tmp_path / "run"
     trained_metrics, trained, grid = toy_main(out)
     assert trained == [1, 2]
-    assert trained_metrics["weights_sha256"] == common.sha256((out / "weights.pt").read_bytes())
+    assert trained_metrics["weights_sha256"] == files.sha256((out / "weights.pt").read_bytes())
     (out / "checkpoint.pt").unlink()  # a clean clone: metrics.json and weights.pt only
-    recorded = json.loads((out / "metrics.json").read_text())
-    (out / "metrics.json").write_text(json.dumps({**recorded, "test": {"measured": -1.0}}))
+    kept = {name: (out / name).read_bytes() for name in ("metrics.json", "train.log")}
 
     rebuilt, trained, rebuilt_grid = toy_main(out, from_weights=True)
     assert trained == [] and not (out / "checkpoint.pt").exists()
     assert torch.equal(rebuilt_grid, grid)  # the weights' other entries come back to main
-    assert rebuilt["test"] == trained_metrics["test"]  # measured again from the weights, the same
+    # Every measure equals the record, so nothing is written: a clean clone stays clean.
+    assert rebuilt == trained_metrics and "rebuilt" not in rebuilt
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+
+    # A number that differs from the record is written, with what rebuilt it.
+    recorded = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({**recorded, "test": {"measured": -1.0}}))
+    rebuilt, _, _ = toy_main(out, from_weights=True)
+    assert rebuilt["test"] == trained_metrics["test"]  # measured again from the weights
     # The record of training stays; an empty result keeps its recorded value.
-    for key in ("command", "git_commit", "finished", "wall_time_s", "curves", "weights_sha256", "args",
-                "progress"):
+    for key in ("command", "git_commit", "finished", "wall_time_s", "curves", "weights_sha256", "settings",
+                "seed", "progress"):
         assert rebuilt[key] == trained_metrics[key]
-    assert rebuilt["rebuilt"]["git_commit"] == common.git_commit()
-    assert json.loads((out / "metrics.json").read_text()) == rebuilt
-    log = (out / "train.log").read_text()
-    assert "epoch 2  loss 2" in log and "rebuilding from" in log  # the training log is kept
+    assert rebuilt["rebuilt"]["git_commit"] == files.git_commit()
+    assert schema.read(out) == rebuilt
+    assert (out / "train.log").read_bytes() == kept["train.log"]  # a rebuild never appends to the log
 
 
 def test_a_rebuild_refuses_corrupted_weights_other_flags_and_runs_without_weights(tmp_path, monkeypatch):
     out = tmp_path / "run"
     toy_main(out)
-    with pytest.raises(common.RunError, match="was trained with --epochs 2 \\(asked: 3\\)"):
-        common.Run(run_args(out, epochs=3, from_weights=True))
+    with pytest.raises(RunError, match="was trained with epochs=2 \\(asked: 3\\)"):
+        harness_run.Run(run_args(out, from_weights=True), Toy(epochs=3))
     flip_a_byte(out / "weights.pt")
-    run = common.Run(run_args(out, epochs=2, from_weights=True))
-    with pytest.raises(common.RunError, match="weights.pt has SHA-256 .* the file is corrupted"):
-        run.restore(model=torch.nn.Linear(4, 3))
-    with pytest.raises(common.RunError, match="needs the metrics.json of a finished run"):
-        common.Run(run_args(tmp_path / "empty", from_weights=True))
-    monkeypatch.setattr(common, "WEIGHTS_LIMIT", 10)  # as the flow's 110 MB: no weights are kept
+    run = harness_run.Run(run_args(out, from_weights=True), Toy())
+    with pytest.raises(RunError, match="weights.pt has SHA-256 .* the file is corrupted"):
+        run.load_weights(model=torch.nn.Linear(4, 3))
+    with pytest.raises(RunError, match="needs the metrics.json of a finished run"):
+        harness_run.Run(run_args(tmp_path / "empty", from_weights=True), Toy())
+    monkeypatch.setattr(files, "WEIGHTS_LIMIT", 10)  # as the MLP flow's: no weights are kept
     toy_main(tmp_path / "large")
     assert not (tmp_path / "large" / "weights.pt").exists()
-    with pytest.raises(common.RunError, match="records no weights"):
-        common.Run(run_args(tmp_path / "large", epochs=2, from_weights=True))
+    with pytest.raises(RunError, match="records no weights"):
+        harness_run.Run(run_args(tmp_path / "large", from_weights=True), Toy())
 
 
 # ---------------------------------------------------------------- cli
 
 @pytest.mark.parametrize("error", [DataError("MNIST files missing from data/MNIST/raw"),
                                    ChecksumError("data/x is corrupted"),
-                                   common.RunError("the loss became nan at epoch 3")])
+                                   RunError("the loss became nan at epoch 3")])
 def test_cli_turns_data_and_run_errors_into_one_line(error):
     def main():
         raise error
 
     with pytest.raises(SystemExit) as exit_info:
-        common.cli(main)
+        harness_run.cli(main)
     assert exit_info.value.code == f"error: {error}"  # SystemExit with a message exits with status 1
 
 
@@ -501,7 +601,7 @@ def test_cli_says_how_to_continue_after_ctrl_c():
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit, match="interrupted: .*continue with --resume"):
-        common.cli(main)
+        harness_run.cli(main)
 
 
 def test_cli_leaves_other_errors_and_success_alone():
@@ -509,16 +609,16 @@ def test_cli_leaves_other_errors_and_success_alone():
         raise ZeroDivisionError("a bug")
 
     with pytest.raises(ZeroDivisionError):
-        common.cli(broken)
+        harness_run.cli(broken)
     ran = []
-    assert common.cli(lambda: ran.append(1)) is None and ran == [1]
+    assert harness_run.cli(lambda: ran.append(1)) is None and ran == [1]
 
 
 # ---------------------------------------------------------------- figures
 
 def test_image_grid_layout():
     images = torch.arange(1, 6, dtype=torch.float32)[:, None, None, None].expand(5, 1, 3, 4) / 10
-    grid = common.image_grid(images, nrow=3, padding=2, pad_value=1.0)
+    grid = figures.image_grid(images, nrow=3, padding=2, pad_value=1.0)
     assert grid.shape == (2 * (3 + 2) + 2, 3 * (4 + 2) + 2)
     expected = np.ones(grid.shape, dtype=np.float32)
     for i in range(5):
@@ -529,10 +629,10 @@ def test_image_grid_layout():
 
 def test_image_grid_accepts_three_dimensional_and_flat_input():
     images = torch.rand(3, 28, 28)
-    grid = common.image_grid(images, nrow=2, padding=0)
+    grid = figures.image_grid(images, nrow=2, padding=0)
     assert grid.shape == (56, 56)
     np.testing.assert_array_equal(grid[28:, :28], images[2].numpy())
-    np.testing.assert_array_equal(common.image_grid(images.reshape(3, 784), nrow=2, padding=0), grid)
+    np.testing.assert_array_equal(figures.image_grid(images.reshape(3, 784), nrow=2, padding=0), grid)
 
 
 def assert_png_and_pdf(stem):
@@ -543,39 +643,39 @@ def assert_png_and_pdf(stem):
 @pytest.fixture
 def drawn(monkeypatch):
     """The figures handed to save_figure, inspected before they are written."""
-    figures = []
-    save_figure = common.save_figure
+    drawn_figures = []
+    save_figure = figures.save_figure
 
     def keep(fig, stem):
         ax = fig.axes[0]
-        figures.append({"fig_size": tuple(fig.get_size_inches()), "title": ax.get_title(),
+        drawn_figures.append({"fig_size": tuple(fig.get_size_inches()), "title": ax.get_title(),
                         "ylim": ax.get_ylim(), "yticklabels": [t.get_text() for t in ax.get_yticklabels()],
                         "lines": [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
                                   for line in ax.get_lines()],
                         "image": ax.images[0].get_array() if ax.images else None})
         save_figure(fig, stem)
 
-    monkeypatch.setattr(common, "save_figure", keep)
-    return figures
+    monkeypatch.setattr(figures, "save_figure", keep)
+    return drawn_figures
 
 
 def test_save_image_grid_draws_the_grid_with_row_labels_and_no_title(tmp_path, drawn):
     images = torch.rand(12, 1, 28, 28)
     stem = tmp_path / "figures" / "samples"
-    common.save_image_grid(images, stem, nrow=4, row_labels=["1→7", "2→3", "0→9"], width=4.5)
+    figures.save_image_grid(images, stem, nrow=4, row_labels=["1→7", "2→3", "0→9"], width=4.5)
     assert_png_and_pdf(stem)
     (figure,) = drawn
-    np.testing.assert_array_equal(figure["image"], common.image_grid(images, nrow=4))
+    np.testing.assert_array_equal(figure["image"], figures.image_grid(images, nrow=4))
     assert figure["yticklabels"] == ["1→7", "2→3", "0→9"] and figure["title"] == ""
     assert figure["fig_size"][0] == 4.5
-    common.save_image_grid(torch.rand(3, 28, 28), tmp_path / "plain", nrow=3)
+    figures.save_image_grid(torch.rand(3, 28, 28), tmp_path / "plain", nrow=3)
     assert_png_and_pdf(tmp_path / "plain")
     assert drawn[1]["yticklabels"] == [] and drawn[1]["fig_size"][0] == 3.0
 
 
 def test_save_curves_draws_every_curve_from_its_start_with_references_and_range(tmp_path, drawn):
     stem = tmp_path / "curves"
-    common.save_curves({"train": [3.0, 2.0, 1.5], "val": [3.1, 2.2, 1.9]}, stem, ylabel="bpd", start=1,
+    figures.save_curves({"train": [3.0, 2.0, 1.5], "val": [3.1, 2.2, 1.9]}, stem, ylabel="bpd", start=1,
                        references={"bar": 1.85}, ylim=(1.0, 4.0))
     assert_png_and_pdf(stem)
     (figure,) = drawn
@@ -583,3 +683,12 @@ def test_save_curves_draws_every_curve_from_its_start_with_references_and_range(
     label, _, level = figure["lines"][2]
     assert label == "bar (1.85)" and level == [1.85, 1.85]
     assert figure["ylim"] == (1.0, 4.0)
+
+
+def test_a_redrawn_figure_is_the_same_file(tmp_path):
+    """No creation date in the PDF: redrawing an unchanged figure leaves a committed file as it was."""
+    for name in ("first", "second"):
+        figures.save_curves({"train": [3.0, 2.0]}, tmp_path / name, ylabel="bpd")
+    for suffix in (".png", ".pdf"):
+        assert (tmp_path / "first").with_suffix(suffix).read_bytes() == \
+            (tmp_path / "second").with_suffix(suffix).read_bytes()
