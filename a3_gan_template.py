@@ -54,9 +54,16 @@ class Settings:
     lr_decay_start: float = 0.5
     save_interval: int = 500  # a 5x5 grid of samples every this many batches (the template's)
 
+    def __post_init__(self):
+        harness.settings.positive(self, "epochs", "latent_dim", "batch_size", "r1_interval",
+                                  "save_interval")
+
 
 DEFAULT = Settings()
 TEMPLATE = Settings(batch_size=64, lr=2e-4, r1_gamma=0.0, r1_interval=1, ema_decay=None, lr_decay_start=1.0)
+# The template's flags, each a name for --set FIELD=VALUE.
+TEMPLATE_FLAGS = {"n_epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "latent_dim": "latent_dim",
+                  "save_interval": "save_interval"}
 
 
 # ---------------------------------------------------------------- model
@@ -336,31 +343,13 @@ def load_sampler(checkpoint_path, device="cpu"):
 
 # ---------------------------------------------------------------- main
 
-# The template's flags: each sets a field of Settings as --set does (a --set of the field wins).
-TEMPLATE_FLAGS = {"n_epochs": ("epochs", harness.positive_int),
-                  "batch_size": ("batch_size", harness.positive_int),
-                  "lr": ("lr", harness.positive_float),
-                  "latent_dim": ("latent_dim", harness.positive_int),
-                  "save_interval": ("save_interval", harness.positive_int)}
-
-
 def parse_args(argv=None):
-    parser = harness.argument_parser(__doc__)
-    for flag, (field, kind) in TEMPLATE_FLAGS.items():
-        default, template = getattr(DEFAULT, field), getattr(TEMPLATE, field)
-        parser.add_argument(f"--{flag}", type=kind, help=f"sets {field} (default {default}"
-                            + (f", {template} with --template)" if template != default else ")"))
-    args = harness.add_run_args(parser, out="results/gan").parse_args(argv)
-    args.overrides = [f"{field}={getattr(args, flag)}" for flag, (field, _) in TEMPLATE_FLAGS.items()
-                      if getattr(args, flag) is not None] + args.overrides
-    return args
+    return harness.parse_args(argv, __doc__, "results/gan", DEFAULT, TEMPLATE_FLAGS)
 
 
 def main(argv=None):
     args = parse_args(argv)
     settings = harness.settings.resolve(args, DEFAULT, TEMPLATE)
-    harness.settings.positive(settings, "epochs", "latent_dim", "batch_size", "lr", "r1_interval",
-                              "save_interval")
     run = harness.Run(args, settings)
     dataloader = mnist_gan(run.data_root, batch_size=settings.batch_size)
     generator, discriminator = Generator(settings.latent_dim).to(run.device), Discriminator().to(run.device)

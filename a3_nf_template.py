@@ -56,11 +56,12 @@ class Settings:
     n_hidden: int = 1024  # hidden width of each coupling's MLP: the template's Coupling(n_hidden=1024)
 
     def __post_init__(self):
-        harness.settings.positive(self, "epochs", "batch_size", "lr", "clip", "n_flows", "n_hidden")
+        harness.settings.positive(self, "epochs", "batch_size", "clip", "n_flows", "n_hidden")
 
 
 DEFAULT = Settings()
 TEMPLATE = Settings(batch_size=128, lr=1e-3, warmup_epochs=0, cosine_decay=False, clip=None)
+TEMPLATE_FLAGS = {"epochs": "epochs"}
 
 
 # ---------------------------------------------------------------- prior and mask
@@ -372,13 +373,7 @@ def evaluate(model, test_data, run):
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None, doc=__doc__, out="results/nf"):
-    parser = harness.argument_parser(doc)
-    parser.add_argument("--epochs", type=harness.positive_int, default=None,
-                        help="number of epochs, the template's flag (sets the setting epochs)")
-    args = harness.add_run_args(parser, out=out).parse_args(argv)
-    if args.epochs is not None:
-        args.overrides = [f"epochs={args.epochs}", *args.overrides]
-    return args
+    return harness.parse_args(argv, doc, out, DEFAULT, TEMPLATE_FLAGS)
 
 
 def main(argv=None, defaults=(DEFAULT, TEMPLATE), build=build_model, doc=__doc__, out="results/nf"):

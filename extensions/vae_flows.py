@@ -29,13 +29,19 @@ POSTERIORS = ("gaussian", "planar", "iaf")
 @dataclass(frozen=True)
 class Settings(vae.Settings):
     epochs: int = 80  # every run of this module's comparison trains this long (the answer: 40)
-    importance_samples: int = 1000  # K of every NLL estimate, the same for every run so that they compare
     posterior: str = "iaf"  # q(z|x): the answer's "gaussian", or it pushed through "planar" or "iaf" steps
     flow_steps: int = 4  # K, steps of the planar or IAF flow
     iw_samples: int = 1  # k, samples of z per image of the training bound L_k (1: the ELBO)
     iaf_hidden_dim: int = 320  # units of each IAF step's masked hidden layer and of the context h
     iaf_gate_bias: float = 2.0  # initial bias of IAF's gates s: sigmoid(s) near 1, so each step first
     # moves z only a little (Kingma et al., 2016, suggest +1 or +2)
+
+    def __post_init__(self):
+        super().__post_init__()
+        harness.settings.positive(self, "flow_steps", "iw_samples", "iaf_hidden_dim")
+        if self.posterior not in POSTERIORS:
+            raise harness.settings.SettingsError(f"--set posterior={self.posterior}: posterior is one of "
+                                                 f"{', '.join(POSTERIORS)}")
 
 
 DEFAULT = Settings()
@@ -161,8 +167,6 @@ class FlowVAE(vae.VAE):
                  iw_samples=1, iaf_hidden_dim=320, iaf_gate_bias=2.0):
         super().__init__(hidden_dim, z_dim, hidden_layers)
         self.iw_samples = iw_samples
-        if posterior not in POSTERIORS:
-            raise harness.RunError(f"posterior={posterior}: choose one of {', '.join(POSTERIORS)}")
         self.flow = {"gaussian": lambda: None, "planar": lambda: PlanarFlow(z_dim, flow_steps),
                      "iaf": lambda: IAF(z_dim, flow_steps, iaf_hidden_dim, iaf_gate_bias)}[posterior]()
         # The flow's context (planar: each image's u, w, b; IAF: h) from the encoder's last hidden layer,
@@ -210,12 +214,11 @@ def importance_weighted_loss(model, x, n_samples, kl_weight=1.0):
 
 def load_sampler(checkpoint_path, device="cpu"):
     """sample(n) -> [n, 784] decoder means, from a checkpoint of this module (the answer's sampler)."""
-    return vae.load_sampler(checkpoint_path, device, model_class=FlowVAE, settings_class=Settings)
+    return vae.load_sampler(checkpoint_path, device, Settings, FlowVAE.from_settings)
 
 
 def main(argv=None):
-    vae.main(argv, model_class=FlowVAE, default=DEFAULT, template=TEMPLATE,
-             out="results/extensions/vae_iaf_k4", doc=__doc__)
+    vae.main(argv, (DEFAULT, TEMPLATE), FlowVAE.from_settings, __doc__, out="results/extensions/vae_iaf_k4")
 
 
 if __name__ == "__main__":

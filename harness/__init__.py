@@ -23,6 +23,7 @@ from harness.run import (
     cli,
     get_device,
     matmul_precision,
+    parse_args,
     positive_float,
     positive_int,
     seed_everything,
@@ -30,4 +31,5 @@ from harness.run import (
 
 __all__ = ["schema", "settings", "image_grid", "save_curves", "save_figure", "save_image_grid", "RunError",
            "load_checkpoint", "DEFAULT_DATA_ROOT", "Run", "add_run_args", "argument_parser", "check_finite",
-           "cli", "get_device", "matmul_precision", "positive_float", "positive_int", "seed_everything"]
+           "cli", "get_device", "matmul_precision", "parse_args", "positive_float", "positive_int",
+           "seed_everything"]

@@ -82,6 +82,22 @@ def add_run_args(parser, out):
     return parser
 
 
+def parse_args(argv, doc, out, default, template_flags=None):
+    """The flags of a script whose settings are ``default``'s dataclass: those of ``add_run_args``,
+    and ``template_flags`` {flag: field}, the course template's own flags, each a second spelling of
+    ``--set field=value`` (an explicit --set of the same field wins)."""
+    parser = argument_parser(doc)
+    template_flags = template_flags or {}
+    for flag, field in template_flags.items():
+        kind = positive_int if isinstance(getattr(default, field), int) else positive_float
+        parser.add_argument(f"--{flag}", type=kind, help=f"the template's flag for --set {field}=... "
+                                                         f"(default {getattr(default, field)})")
+    args = add_run_args(parser, out).parse_args(argv)
+    args.overrides = [f"{field}={getattr(args, flag)}" for flag, field in template_flags.items()
+                      if getattr(args, flag) is not None] + args.overrides
+    return args
+
+
 # ---------------------------------------------------------------- device, seeds, precision
 
 def get_device(name="auto"):

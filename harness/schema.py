@@ -39,9 +39,11 @@ REQUIRED = {
 # A run writes those of these that its model has.
 OPTIONAL = {
     "validation": "measures on the validation split (VAE: negative_elbo, nll_importance, importance_samples)",
-    "test": "measures on the test split, made once at the end (VAE: as validation; flow: bpd, "
+    "test": "measures on the test split, made once at the end (VAE: as validation, at its own K; flow: bpd, "
             "bpd_importance_weighted, noise_samples)",
     "evaluation": "the sample measures of evaluation.evaluate_samples at the end",
+    "evaluation_binary": "(VAE) the sample measures of binary samples x ~ p(x|z), where evaluation scores "
+                         "the decoder means they are drawn from",
     "progress": "[{epoch, ...sample measures}] during training, against the selection reference (GAN)",
     "naive_mc": "the naive Monte-Carlo study of question 1.4 (VAE)",
     "data": "which data the run trained on, where there is a choice (VAE: binarized_mnist)",

@@ -324,7 +324,7 @@ def write_ablation_table(results_dir, declarations=None):
     found = sorted(path.parent.name for path in folder.glob("*/metrics.json"))
     rows = []
     for experiment in declarations.EXPERIMENTS:
-        run = folder / experiment.name
+        run = Path(results_dir) / experiment.folder.relative_to(experiments.RESULTS_DIR)
         metrics = read_run(run) if schema.exists(run) else None
         expected = declarations.expected_settings(experiment) if metrics is not None else None
         rows.append(ablation_cells(experiment.name, metrics, experiment, expected))

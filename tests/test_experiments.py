@@ -36,6 +36,10 @@ def test_names_are_unique_and_commands_are_the_scripts_own():
     assert entry.command("python") == ["python", "a3_gan_template.py", "--resume", "--out",
                                        "results/ablations/x", "--seed", "3", "--template", "--set",
                                        "r1_gamma=0.0", "--set", "lr=0.0002"]
+    canonical = experiments.Experiment("y", "a3_vae_template.py", "note", out="results/vae")
+    assert canonical.command("python")[:5] == ["python", "a3_vae_template.py", "--resume", "--out",
+                                               "results/vae"]
+    assert all(entry.folder.is_relative_to(experiments.RESULTS_DIR) for entry in experiments.EXPERIMENTS)
 
 
 def test_the_set_values_parse_back_to_the_declared_ones():

@@ -395,8 +395,8 @@ def smoke(fake_mnist, small_splits, monkeypatch):
 
 def argv(root, out, *flags):
     """2 epochs of 3 steps (90 fake training images in batches of 32), z = 2."""
-    return ["--epochs", "2", "--zdim", "2", "--importance_samples", "4", "--set", "batch_size=32",
-            "--device", "cpu", "--data_root", str(root), "--out", str(out), *flags]
+    return ["--epochs", "2", "--zdim", "2", "--importance_samples", "4", "--set", "test_importance_samples=3",
+            "--set", "batch_size=32", "--device", "cpu", "--data_root", str(root), "--out", str(out), *flags]
 
 
 def run_main(root, out, *flags):
@@ -420,7 +420,7 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
 
     assert metrics["epochs_completed"] == 2
     assert metrics["settings"] == {**dataclasses.asdict(vae.DEFAULT), "epochs": 2, "z_dim": 2,
-                                   "importance_samples": 4, "batch_size": 32}
+                                   "importance_samples": 4, "test_importance_samples": 3, "batch_size": 32}
     assert metrics["training_precision"] == resolve_precision("auto", torch.device("cpu"))
     assert metrics["data"] == {"binarized_mnist": "reproduction", "binarization_seed": 1234,
                                "dynamic_binarization": True}
@@ -429,8 +429,8 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     assert all(len(values) == 3 for values in curves.values())  # epoch 0 (untrained), 1 and 2
     assert curves["wall_time_s"][0] == 0.0 < curves["wall_time_s"][1] < curves["wall_time_s"][2]
     assert curves["train_negative_elbo"][0] == pytest.approx(784 * math.log(2), rel=0.02)  # p = 1/2
-    for split in ("validation", "test"):
-        assert metrics[split]["importance_samples"] == 4
+    for split, k in (("validation", 4), ("test", 3)):
+        assert metrics[split]["importance_samples"] == k
         # The same K log-weights: log-mean-exp >= mean, so the NLL estimate never exceeds the -ELBO.
         assert 0 < metrics[split]["nll_importance"] <= metrics[split]["negative_elbo"]
     naive = metrics["naive_mc"]
@@ -438,6 +438,8 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     assert [row["samples"] for row in naive["rows"]] == [10, 100]
     assert all(len(row[key]) == 5 for row in naive["rows"] for key in row if key != "samples")
     assert metrics["evaluation"]["reference"] == "test" and metrics["evaluation"]["n_samples"] == 100
+    assert metrics["evaluation_binary"]["n_samples"] == 100  # binary samples, beside their means
+    assert metrics["evaluation_binary"]["fid"] != metrics["evaluation"]["fid"]
     assert metrics["n_params"] == sum(p.numel() for p in vae.VAE(500, 2, 2).parameters())
 
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -475,7 +477,7 @@ def test_template_flag_trains_the_templates_model_the_templates_way(smoke, monke
     assert [kwargs["dynamic"] for kwargs in calls["bmnist"]] == [False]
     assert calls["kl_weight"] == [1.0] * 6  # no warm-up: beta = 1 at each of the 2 x 3 steps
     assert metrics["settings"] == {**dataclasses.asdict(vae.TEMPLATE), "epochs": 2, "z_dim": 2,
-                                   "importance_samples": 4, "batch_size": 32}
+                                   "importance_samples": 4, "test_importance_samples": 3, "batch_size": 32}
     assert metrics["milestones"] == {"halfway": 1, "kl_warmup_end": 1}
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     weights = [name for name in saved["state"]["model"] if name.endswith("weight")]

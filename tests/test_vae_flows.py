@@ -43,7 +43,7 @@ def test_settings_add_the_extensions_fields_to_the_answers():
         {"posterior", "flow_steps", "iw_samples", "iaf_hidden_dim", "iaf_gate_bias"}
     assert (vf.DEFAULT.posterior, vf.DEFAULT.flow_steps, vf.DEFAULT.iw_samples) == ("iaf", 4, 1)
     assert harness.settings.differences(vf.DEFAULT, vf.Settings(**dataclasses.asdict(vae.DEFAULT))) == \
-        {"epochs": 80, "importance_samples": 1000}
+        {"epochs": 80}
     # --template: the answer's template training, with this module's posterior
     assert {name: getattr(vf.TEMPLATE, name) for name in dataclasses.asdict(vae.TEMPLATE)} == \
         dataclasses.asdict(vae.TEMPLATE)
@@ -241,7 +241,8 @@ def smoke(fake_mnist, small_splits, monkeypatch):
 
 
 def argv(root, out, *flags):
-    settings = ("epochs=2", "z_dim=2", "importance_samples=4", "batch_size=32", "iaf_hidden_dim=16")
+    settings = ("epochs=2", "z_dim=2", "importance_samples=4", "test_importance_samples=3", "batch_size=32",
+                "iaf_hidden_dim=16")
     return [*(word for setting in settings for word in ("--set", setting)), "--device", "cpu",
             "--data_root", str(root), "--out", str(out), *flags]
 
@@ -257,7 +258,8 @@ def test_smoke_run_with_an_iaf_posterior_on_the_importance_weighted_bound(smoke,
     metrics = run_main(smoke, out, *flow)
     settings = metrics["settings"]
     assert settings == {**dataclasses.asdict(vf.DEFAULT), "epochs": 2, "z_dim": 2, "importance_samples": 4,
-                        "batch_size": 32, "iaf_hidden_dim": 16, "flow_steps": 2, "iw_samples": 3}
+                        "test_importance_samples": 3, "batch_size": 32, "iaf_hidden_dim": 16, "flow_steps": 2,
+                        "iw_samples": 3}
     assert (settings["posterior"], settings["flow_steps"], settings["iw_samples"]) == ("iaf", 2, 3)
     assert metrics["data"] == {"binarized_mnist": "reproduction", "binarization_seed": 1234,
                                "dynamic_binarization": True}
