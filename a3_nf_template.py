@@ -164,13 +164,16 @@ class UniformDequantization(nn.Module):
 class Model(nn.Module):
     """Dequantization, logit normalisation and the flow: ``forward`` gives log p(x) per image,
     ``sample`` draws images. ``dequantization`` builds the first layer: any module with the
-    couplings' interface whose forward subtracts log q(u | x) from the log-determinant."""
+    couplings' interface whose forward subtracts log q(u | x) from the log-determinant. ``flow``,
+    if given, replaces the template's Flow: any module of that interface on [B, 784] with a
+    ``z_shape``."""
 
     ALPHA = 1e-5  # keeps the logit's argument in [alpha/2, 1 - alpha/2]: no log(0), no infinite z
 
-    def __init__(self, shape, n_flows=4, n_hidden=1024, net=None, dequantization=UniformDequantization):
+    def __init__(self, shape, n_flows=4, n_hidden=1024, net=None, dequantization=UniformDequantization,
+                 flow=None):
         super().__init__()
-        self.flow = Flow(shape, n_flows, n_hidden, net)
+        self.flow = Flow(shape, n_flows, n_hidden, net) if flow is None else flow
         self.dequantizer = dequantization()
 
     def dequantize(self, z, ldj, reverse=False, generator=None):

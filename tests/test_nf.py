@@ -792,3 +792,12 @@ def test_defaults_and_removed_flags():
                     "--coupling", "--dequantization"):
         with pytest.raises(SystemExit):
             nf.parse_args([removed, "1"])
+
+
+def test_a_flow_handed_to_the_model_replaces_the_templates():
+    flow = nf.Flow([nf.N_PIXELS], n_flows=1, n_hidden=8)
+    model = nf.Model([nf.N_PIXELS], flow=flow)
+    assert model.flow is flow and sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in flow.parameters())
+    x = torch.randint(0, 256, (3, nf.N_PIXELS)).float()
+    assert model(x).shape == (3,) and model.sample(2).shape == (2, nf.N_PIXELS)
