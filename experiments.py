@@ -48,6 +48,7 @@ class Experiment:
     base: str = "default"  # "default" or "template": the settings the overrides apply to
     seed: int = 42
     out: str | None = None  # its run folder, if not results/ablations/<name> (a canonical run's)
+    candidate: bool = True  # whether it competes in its model's selection (not a seed study or full run)
 
     @property
     def folder(self):
@@ -88,8 +89,9 @@ EXPERIMENTS = (
     Experiment("gan_r1_ema_decay", GAN, "+ the learning-rate decay over the second half",
                {**R1, **EMA, **DECAY}, base="template"),
     Experiment("gan_default", GAN, "+ batch 128 at learning rate 4e-4: the default", out="results/gan"),
-    Experiment("gan_template_seed_1", GAN, "the template's training, seed 1", base="template", seed=1),
-    Experiment("gan_default_seed_1", GAN, "the default, seed 1", seed=1),
+    Experiment("gan_template_seed_1", GAN, "the template's training, seed 1", base="template", seed=1,
+               candidate=False),
+    Experiment("gan_default_seed_1", GAN, "the default, seed 1", seed=1, candidate=False),
     # The flow: the learning rate at the default's batch and at the template's, on shortened runs.
     Experiment("nf_lr_2.5e-4", NF, "10 epochs, lr 2.5e-4", {**NF_SHORT, "lr": 2.5e-4}),
     Experiment("nf_lr_5e-4", NF, "10 epochs, lr 5e-4 (the default's)", NF_SHORT),
@@ -98,7 +100,7 @@ EXPERIMENTS = (
                {**NF_SHORT, "batch_size": 128}),
     Experiment("nf_batch_128_lr_1e-3", NF, "10 epochs, the template's batch and lr",
                {**NF_SHORT, "batch_size": 128, "lr": 1e-3}),
-    Experiment("nf_default", NF, "the default, 40 epochs", out="results/nf"),
+    Experiment("nf_default", NF, "the default, in full", out="results/nf", candidate=False),
 )
 BY_NAME = {experiment.name: experiment for experiment in EXPERIMENTS}
 

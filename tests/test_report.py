@@ -729,46 +729,72 @@ def fake_experiments(*entries):
 
 
 def test_ablation_table_compares_each_run_with_what_its_entry_declares(tmp_path):
-    """A row per entry in its order, then the undeclared run folders. "also differs" is what the run
-    recorded against what its entry declares (script, seed, settings): a run of older code shows its
-    confound; a run as declared shows nothing."""
+    """A section per model, a row per entry in its order, then the undeclared run folders. "also
+    differs" is what the run recorded against what its entry declares (script, seed, settings): a run
+    of older code shows its confound; a run as declared shows nothing. The candidate of the lowest
+    held-out score is chosen (never by the test column), seed studies do not compete, and the table
+    says whether the choice is the default."""
     results = tmp_path / "results"
     folder = results / "ablations"
     declared = fake_experiments(
         Experiment("gan_batch_64", "a3_gan_template.py", "the template's batch",
                    {"batch_size": 64, "lr": 2e-4}),
+        Experiment("gan_default", "a3_gan_template.py", "the default", out="results/gan"),
+        Experiment("gan_seed_3", "a3_gan_template.py", "the default, seed 3", seed=3, candidate=False),
+        Experiment("gan_seed_2", "a3_gan_template.py", "the default, seed 2", seed=2, candidate=False),
         Experiment("nf_lr", "a3_nf_template.py", "a higher learning rate", {"lr": 1e-3}),
-        Experiment("gan_as_declared", "a3_gan_template.py", "the default, seed 2", seed=2),
-        Experiment("gan_seed_3", "a3_gan_template.py", "the default, seed 3", seed=3),
+        Experiment("nf_default", "a3_nf_template.py", "the default", out="results/nf"),
     )
     old_gan = {key: value for key, value in GAN_SETTINGS.items() if key != "r1_interval"}
+    selection = {"reference": "selection", "precision": 0.8, "recall": 0.7}
     write_metrics(folder / "gan_batch_64", record(
         "a3_gan_template.py", {**old_gan, "batch_size": 64, "lr": 2e-4, "lr_decay_start": 0.25,
                                "real_label": 1.0},
-        evaluation=table_evaluation(9.87), wall_time_s=1800.0, git_commit="abcdef1234567890",
-        progress=[{"epoch": 10, "fid": 12.0}, {"epoch": 50, "fid": 8.5}, {"epoch": 100, "fid": 9.0}]))
+        evaluation=table_evaluation(1.23), wall_time_s=1800.0, git_commit="abcdef1234567890",
+        progress=[{"epoch": 100, "fid": 12.0, **selection}, {"epoch": 200, "fid": 8.5, **selection}]))
+    write_metrics(results / "gan", record(  # a lower test FID, a higher selection FID: not chosen
+        "a3_gan_template.py", GAN_SETTINGS, evaluation=table_evaluation(0.5),
+        progress=[{"epoch": 200, "fid": 9.0, **selection}]))
+    write_metrics(folder / "gan_seed_2", record(  # the best selection FID, but a seed study
+        "a3_gan_template.py", GAN_SETTINGS, seed=2, evaluation=table_evaluation(0.4),
+        progress=[{"epoch": 200, "fid": 1.0, **selection}]))
     write_metrics(folder / "nf_lr", record(
         "a3_nf_template.py", {**NF_SETTINGS, "lr": 1e-3}, seed=1, curves={"val_bpd": [1.2, 1.0512]},
         test={"bpd": 1.0498}, device="cuda", git_commit="1234567deadbeef-dirty"))
-    write_metrics(folder / "gan_as_declared", record("a3_gan_template.py", GAN_SETTINGS, seed=2))
+    write_metrics(results / "nf", record("a3_nf_template.py", NF_SETTINGS, curves={"val_bpd": [1.3, 1.06]},
+                                         test={"bpd": 1.01}))
     write_metrics(folder / "gan_old", record("a3_gan_template.py", {"epochs": 200}))
 
     text = tables.write_ablation_table(results, declared)
 
     lines = (results / "ablations.md").read_text().splitlines()
     assert "\n".join(lines) + "\n" == text
-    assert lines[0] == "# Ablations and seed studies"
-    assert lines[4] == "| " + " | ".join(tables.ABLATION_COLUMNS) + " |"
-    assert lines[6:] == [
+    assert lines[0] == "# Selection experiments, ablations and seed studies"
+    gan = lines.index("## GAN: chosen by the FID against the selection reference (training images)")
+    assert lines[gan + 2].startswith("| run | what it measures |") and "| selection FID |" in lines[gan + 2]
+    assert lines[gan + 4:gan + 8] == [
         "| `gan_batch_64` | the template's batch | batch_size=64, lr=0.0002, seed=42 | lr_decay_start=0.25 "
-        "(declared 0.5), r1_interval not recorded (declared 8), real_label=1 (no such setting now) | 9.87 | "
-        "8.50 (50) | n/a | 30.0 min | `abcdef1` |",
-        "| `nf_lr` | a higher learning rate | lr=0.001, seed=42 | seed=1 (declared 42) | n/a | n/a | "
-        "1.0512 / 1.0498 bits/dim | 10.0 min (cuda) | `1234567` |",
-        "| `gan_as_declared` | the default, seed 2 | seed=2 |  | n/a | n/a | n/a | 10.0 min | `0123456` |",
-        "| `gan_seed_3` | the default, seed 3 | seed=3 | n/a | not run yet | n/a | n/a | n/a | n/a |",
-        "| `gan_old` | not declared in experiments.py | n/a | n/a | n/a | n/a | n/a | 10.0 min | `0123456` |",
+        "(declared 0.5), r1_interval not recorded (declared 8), real_label=1 (no such setting now) | 8.50 | "
+        "0.800 | 0.700 | 1.23 | **chosen** | 30.0 min | `abcdef1` |",
+        "| `gan_default` | the default | seed=42 |  | 9.00 | 0.800 | 0.700 | 0.50 |  | 10.0 min | "
+        "`0123456` |",
+        "| `gan_seed_3` | the default, seed 3 | seed=3 | n/a | not run yet | n/a | n/a | n/a | n/a | n/a | "
+        "n/a |",
+        "| `gan_seed_2` | the default, seed 2 | seed=2 |  | 1.00 | 0.800 | 0.700 | 0.40 | not a candidate | "
+        "10.0 min | `0123456` |",
     ]
+    assert lines[gan + 9] == ("Chosen: `gan_batch_64`, **not** the default: the script's DEFAULT should take "
+                              "its settings.")
+    flow = lines.index("## RealNVP flow: chosen by the validation bits/dim")
+    assert lines[flow + 4:flow + 6] == [
+        "| `nf_lr` | a higher learning rate | lr=0.001, seed=42 | seed=1 (declared 42) | 1.0512 | 1.0498 | "
+        "**chosen** | 10.0 min (cuda) | `1234567` |",
+        "| `nf_default` | the default | seed=42 |  | 1.0600 | 1.0100 |  | 10.0 min | `0123456` |"]
+    assert lines[flow + 7] == ("Chosen: `nf_lr`, **not** the default: the script's DEFAULT should take its "
+                               "settings.")
+    assert not any(line.startswith("## VAE") for line in lines)  # no entry of that script
+    assert lines[-3:] == ["| run | script | train time | commit |", "|---|---|---|---|",
+                          "| `gan_old` | a3_gan_template.py | 10.0 min | `0123456` |"]
 
 
 def test_ablation_table_names_the_template_base_and_another_script():
@@ -790,9 +816,9 @@ def test_the_table_command_writes_every_table_and_regenerating_rewrites_no_file(
         {"key": evaluation.reference_key("abc"), "classifier_test_accuracy": 0.99, "rows": []}))
     tables.main(["--results", str(results), "--device", "cpu"])
     ablations = (results / "ablations.md").read_text().splitlines()
-    assert ablations[0] == "# Ablations and seed studies"
-    assert len(ablations) == 6 + len(experiments.EXPERIMENTS)
-    for experiment, line in zip(experiments.EXPERIMENTS, ablations[6:], strict=True):
+    assert ablations[0] == "# Selection experiments, ablations and seed studies"
+    for experiment in experiments.EXPERIMENTS:
+        (line,) = [line for line in ablations if line.startswith(f"| `{experiment.name}` |")]
         assert ("| not run yet |" in line) == (experiment.out is None)  # the canonical runs are there
     written = ["comparison.md", "comparison.json", "precision_recall.png", "precision_recall.pdf",
                "ablations.md", *(f"extensions/{model}_extensions.{kind}" for model in ("vae", "nf")
