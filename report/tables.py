@@ -101,6 +101,18 @@ def extension_label(name, settings):
     return f"RealNVP, {settings['coupling']} couplings, {settings['dequantization']} (ext.)"
 
 
+def model_rows_of(run_dir, extension=False):
+    """A run's rows of the comparison: one per set of samples it scored. The VAE scores the decoder
+    means ("evaluation") and the binary images drawn from them ("evaluation_binary"): two rows."""
+    row = model_row(run_dir, extension)
+    binary = read_run(run_dir).get("evaluation_binary")
+    if not binary:
+        return [row]
+    return [{**row, "label": f"{row['label']}, means"},
+            {**row, **{key: binary.get(key) for key in EVALUATION_KEYS}, "name": f"{row['name']}_binary",
+             "label": f"{row['label']}, binary samples"}]
+
+
 def model_row(run_dir, extension=False):
     run_dir = Path(run_dir)
     metrics = read_run(run_dir)
@@ -130,7 +142,8 @@ def model_rows(results_dir):
     order = {name: i for i, name in enumerate(MODEL_ORDER)}
     runs.sort(key=lambda run: (order.get(run.name, len(order)), run.name))
     extensions = sorted(path.parent for path in Path(results_dir).glob("extensions/*/metrics.json"))
-    return [model_row(run) for run in runs] + [model_row(run, extension=True) for run in extensions]
+    return [row for run in runs for row in model_rows_of(run)] + \
+        [row for run in extensions for row in model_rows_of(run, extension=True)]
 
 
 def _number(value, spec):

@@ -631,7 +631,8 @@ def test_comparison_lists_every_run_in_order_with_its_own_likelihood_and_the_ref
     table_run(results, "gan", {}, fid_value=3.0)
     table_run(results, "vae_z2", {"negative_elbo": 140.3}, fid_value=2.0, settings={"z_dim": 2})
     vae_test = {"negative_elbo": 97.123, "nll_importance": 91.5, "importance_samples": 500}
-    table_run(results, "vae", vae_test, fid_value=1.0)
+    binary = {key: value for key, value in table_evaluation(7.0).items() if key != "memorisation"}
+    table_run(results, "vae", vae_test, fid_value=1.0, evaluation_binary=binary)
     # The GAN was re-evaluated from its checkpoint after training: the newer evaluation.json wins.
     (results / "gan" / "evaluation.json").write_text(json.dumps(table_evaluation(30.0)))
     metrics_time = os.stat(results / "gan" / "metrics.json").st_mtime
@@ -645,20 +646,23 @@ def test_comparison_lists_every_run_in_order_with_its_own_likelihood_and_the_ref
     tables.main(["comparison", "--results", str(results), "--device", "cpu"])
 
     rows = read_json(results / "comparison.json")["rows"]
-    assert [row["name"] for row in rows] == ["vae", "vae_z2", "gan", "nf", "real_train"]
-    assert [row["fid"] for row in rows] == [1.0, 2.0, 30.0, 4.0, 0.5]
-    assert [row["reference"] for row in rows] == [False] * 4 + [True]
+    # The VAE scored its decoder means and the binary samples drawn from them: a row each.
+    assert [row["name"] for row in rows] == ["vae", "vae_binary", "vae_z2", "gan", "nf", "real_train"]
+    assert [row["fid"] for row in rows] == [1.0, 7.0, 2.0, 30.0, 4.0, 0.5]
+    assert [row["reference"] for row in rows] == [False] * 5 + [True]
     table = (results / "comparison.md").read_text()
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     # The VAE's label is its recorded z_dim.
-    assert "−ELBO 97.12 nats, NLL 91.50 nats (K=500)" in lines["| VAE (z=20)"]
+    assert "−ELBO 97.12 nats, NLL 91.50 nats (K=500)" in lines["| VAE (z=20), means"]
     assert "−ELBO 140.30 nats |" in lines["| VAE (z=2)"]
     assert "| 30.00 |" in lines["| GAN"] and "| n/a |" in lines["| GAN"]
     assert "1.051 bits/dim" in lines["| RealNVP flow"]
-    assert "| 225.0 ± 2.0 |" in lines["| VAE (z=20)"] and "| 5.0 / 10.6 |" in lines["| VAE (z=20)"]
-    assert "| 1,234,567 | 10.0 min |" in lines["| VAE (z=20)"]
-    assert "| 1.00 | 0.751 | 0.250 | 9.50 |" in lines["| VAE (z=20)"]
-    assert "| 1.23 / 2.00 |" in lines["| VAE (z=20)"]
+    assert "| 225.0 ± 2.0 |" in lines["| VAE (z=20), means"] and "| 5.0 / 10.6 |" in lines["| VAE (z=20), means"]
+    assert "| 1,234,567 | 10.0 min |" in lines["| VAE (z=20), means"]
+    assert "| 1.00 | 0.751 | 0.250 | 9.50 |" in lines["| VAE (z=20), means"]
+    assert "| 1.23 / 2.00 |" in lines["| VAE (z=20), means"]
+    assert "| 7.00 |" in lines["| VAE (z=20), binary samples"] and \
+        "| n/a | 225.0 ± 2.0 |" in lines["| VAE (z=20), binary samples"]  # no memorisation check
     assert "| MNIST training images (10,000) | 0.50 ± 0.25 | 0.751 ± 0.010 | 0.250 | 9.50 |" in table
     assert "| n/a | 225.0 ± 3.0 |" in lines["| MNIST training images (10,000)"]
     assert "99.12%; SHA-256 of its weights: `abc`." in table
