@@ -1,5 +1,5 @@
-"""extensions.vae_flows: planar and IAF posteriors against autograd and closed forms, the
-importance-weighted bound against quadrature, and the module's command line end to end on a small
+"""extensions.vae_flows: planar and IAF posteriors against autograd, closed forms and quadrature,
+the importance-weighted bound against quadrature, and the module's command line end to end on a small
 fake MNIST folder."""
 
 import dataclasses
@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (
     assert_rebuild_reproduces_the_run,
     assert_refused_in_one_line,
@@ -160,6 +161,77 @@ def test_importance_sampled_likelihood_with_a_flow_posterior_matches_quadrature(
                                                torch.Generator().manual_seed(0))
     assert nll == pytest.approx(-log_likelihood.mean(), abs=0.1)
     assert negative_elbo > nll + 0.5
+
+
+def test_iaf_steps_see_the_encoders_context():
+    """IAF's m and s depend on the encoder's context h (Kingma et al., 2016, sec. 4): the same z_0 goes
+    to another z_K under another h, in every dimension, both in the flow and through the posterior,
+    where only the layer that makes h changes."""
+    flow, context = flow_and_context("iaf", z_dim=3, steps=2)
+    z_0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        z_k, log_det = flow(z_0, context)
+        other_z_k, other_log_det = flow(z_0, context + torch.randn_like(context))
+    assert (z_k - other_z_k).abs().min() > 1e-4 and (log_det - other_log_det).abs().min() > 1e-4
+
+    model = flow_vae("iaf", z_dim=3, flow_steps=2, seed=1)
+    x = binary_images(4, seed=2).reshape(4, -1)
+    draws = []
+    for perturbed in (False, True):
+        with torch.no_grad():
+            if perturbed:  # another h from the same hidden layer; q_0's mean and std stay as they were
+                model.context.weight.add_(0.3 * torch.randn_like(model.context.weight))
+            torch.manual_seed(5)
+            draws.append(model.posterior(x)[:2])
+    (z_k, log_q_over_p), (other_z_k, other_log_q_over_p) = draws
+    assert (z_k - other_z_k).abs().min() > 1e-4 and (log_q_over_p - other_log_q_over_p).abs().min() > 1e-4
+
+
+def invert_iaf(flow, z_k, context):
+    """z_0 with flow(z_0) = z_k, step by step backwards: in each step's order, z_i = (z'_i - (1 -
+    sigma_i) m_i) / sigma_i with m_i and sigma_i functions of the z_j before z_i, so D + 1 sweeps of
+    that update from any start give the exact inverse (MADE's m and s, as IAFStep.forward makes them)."""
+    z = z_k
+    for step in reversed(flow.steps):
+        target = z
+        for _ in range(z.shape[-1] + 1):
+            m, s = step.output(F.elu(step.input(z) + step.context(context))).chunk(2, dim=-1)
+            sigma = torch.sigmoid(s)
+            z = (target - (1 - sigma) * m) / sigma
+    return z
+
+
+def test_iaf_posterior_density_integrates_to_one_in_two_dimensions():
+    """q(z_K|x) = q_0(z_0|x) / |det dz_K/dz_0| at z_0 = f^-1(z_K), summed over a fine 2-D grid of z_K,
+    is 1. At z_dim = 2, unlike z_dim = 1, a (perturbed) IAF is not an affine map: the second variable's
+    shift and gate depend on the first, so the check covers the autoregressive log-determinant."""
+    model = flow_vae("iaf", z_dim=2, flow_steps=3, seed=3).double()
+    with torch.no_grad():
+        for step in model.flow.steps:
+            step.output.weight.mul_(4)
+    x = binary_images(1, seed=1).reshape(1, -1).double()
+    with torch.no_grad():
+        hidden = model.encoder.net[:-1](x)
+        mean, log_std = model.encoder.net[-1](hidden).chunk(2, dim=-1)
+        context = model.context(hidden)
+        torch.manual_seed(0)
+        samples = model.posterior(x, 20_000)[0][:, 0]
+        low = samples.amin(0) - 3 * samples.std(0)
+        high = samples.amax(0) + 3 * samples.std(0)
+        axes = [torch.linspace(low[d].item(), high[d].item(), 601, dtype=torch.float64) for d in range(2)]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 1, 2)
+        z_0 = invert_iaf(model.flow, grid, context)
+        z_k, log_det = model.flow(z_0, context)
+        torch.testing.assert_close(z_k, grid, rtol=0, atol=1e-9)
+        eps = (z_0 - mean) / log_std.exp()
+        log_q0 = (-0.5 * eps.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        cell = (axes[0][1] - axes[0][0]) * (axes[1][1] - axes[1][0])
+        assert (torch.exp(log_q0 - log_det).sum() * cell).item() == pytest.approx(1, abs=1e-3)
+
+    # Not affine: the Jacobian of z_0 -> z_K changes from one point to another, off its diagonal too.
+    jacobians = [torch.autograd.functional.jacobian(lambda z: model.flow(z, context)[0][0], point)[:, 0]
+                 for point in (z_0[0], z_0[-1])]
+    assert (jacobians[0] - jacobians[1]).abs().min() > 0.01
 
 
 # ---------------------------------------------------------------- importance-weighted bound
