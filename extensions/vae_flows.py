@@ -8,9 +8,10 @@ The gap between the negative ELBO and -log p(x) is KL(q(z|x) || p(z|x)), which a
 q(z|x) cannot close. Here q(z|x) is that Gaussian pushed through a normalizing flow of ``flow_steps``
 steps, planar (Rezende & Mohamed, 2015) or inverse autoregressive (IAF, Kingma et al., 2016), and
 ``iw_samples`` = k > 1 trains on the importance-weighted bound of Burda et al. (2016) instead of the
-ELBO. Everything else is a3_vae_template.py's: its model classes (subclassed through ``VAE.posterior``
-and ``VAE.loss``), epoch loop, figures, evaluation and ``main``; ``Settings`` adds this module's fields
-to the answer's. The outputs are the answer's, in --out.
+ELBO, its gradient estimated as theirs or, ``iw_estimator`` = "dreg", doubly reparameterised (Tucker
+et al., 2019). Everything else is a3_vae_template.py's: its model classes (subclassed through
+``VAE.posterior`` and ``VAE.loss``), epoch loop, figures, evaluation and ``main``; ``Settings`` adds
+this module's fields to the answer's. The outputs are the answer's, in --out.
 """
 
 import math
@@ -24,6 +25,7 @@ import a3_vae_template as vae
 import harness
 
 POSTERIORS = ("gaussian", "planar", "iaf")
+IW_ESTIMATORS = ("iwae", "dreg")
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,24 @@ class Settings(vae.Settings):
     iaf_hidden_dim: int = 320  # units of each IAF step's masked hidden layer and of the context h
     iaf_gate_bias: float = 2.0  # initial bias of IAF's gates s: sigmoid(s) near 1, so each step first
     # moves z only a little (Kingma et al., 2016, suggest +1 or +2)
+    # The gradient estimator of the training bound L_k: "iwae", the reparameterised gradient of L_k
+    # (Burda et al., 2016), or "dreg", the doubly reparameterised one (Tucker et al., 2019): the same
+    # decoder gradient, and an encoder gradient without the score-function term whose signal-to-noise
+    # ratio falls as k grows (Rainforth et al., 2018); with k = 1, the ELBO's path-derivative gradient
+    # (Roeder et al., 2017). "dreg" needs the Gaussian posterior.
+    iw_estimator: str = "iwae"
 
     def __post_init__(self):
         super().__post_init__()
         harness.settings.positive(self, "flow_steps", "iw_samples", "iaf_hidden_dim")
-        if self.posterior not in POSTERIORS:
-            raise harness.settings.SettingsError(f"--set posterior={self.posterior}: posterior is one of "
-                                                 f"{', '.join(POSTERIORS)}")
+        for name, choices in (("posterior", POSTERIORS), ("iw_estimator", IW_ESTIMATORS)):
+            if getattr(self, name) not in choices:
+                raise harness.settings.SettingsError(f"--set {name}={getattr(self, name)}: {name} is one of "
+                                                     f"{', '.join(choices)}")
+        if self.iw_estimator == "dreg" and self.posterior != "gaussian":
+            raise harness.settings.SettingsError(
+                f"--set iw_estimator=dreg: DReG needs posterior=gaussian, not {self.posterior}: the density "
+                "of a flow posterior at z_K with its parameters detached needs the flow's inverse")
 
 
 DEFAULT = Settings()
@@ -161,12 +174,14 @@ class FlowVAE(vae.VAE):
     """The answer's VAE with q(z|x) = the encoder's Gaussian q_0(z_0|x) pushed through a flow,
     z_K = f_K(...f_1(z_0)), whose density is log q(z_K|x) = log q_0(z_0|x) - sum_k log |det df_k/dz_{k-1}|
     (Rezende & Mohamed, 2015, eq. 7); and, with iw_samples = k > 1, trained on the importance-weighted
-    bound. ``posterior`` = "gaussian" with k = 1 is the answer's VAE."""
+    bound, its gradient estimated by ``iw_estimator``. ``posterior`` = "gaussian" with k = 1 and the
+    "iwae" estimator is the answer's VAE."""
 
     def __init__(self, hidden_dim=500, z_dim=20, hidden_layers=2, posterior="iaf", flow_steps=4,
-                 iw_samples=1, iaf_hidden_dim=320, iaf_gate_bias=2.0):
+                 iw_samples=1, iaf_hidden_dim=320, iaf_gate_bias=2.0, iw_estimator="iwae"):
         super().__init__(hidden_dim, z_dim, hidden_layers)
         self.iw_samples = iw_samples
+        self.iw_estimator = iw_estimator
         self.flow = {"gaussian": lambda: None, "planar": lambda: PlanarFlow(z_dim, flow_steps),
                      "iaf": lambda: IAF(z_dim, flow_steps, iaf_hidden_dim, iaf_gate_bias)}[posterior]()
         # The flow's context (planar: each image's u, w, b; IAF: h) from the encoder's last hidden layer,
@@ -176,7 +191,8 @@ class FlowVAE(vae.VAE):
     @classmethod
     def from_settings(cls, settings):
         return cls(settings.hidden_dim, settings.z_dim, settings.hidden_layers, settings.posterior,
-                   settings.flow_steps, settings.iw_samples, settings.iaf_hidden_dim, settings.iaf_gate_bias)
+                   settings.flow_steps, settings.iw_samples, settings.iaf_hidden_dim, settings.iaf_gate_bias,
+                   settings.iw_estimator)
 
     def posterior(self, x, n_samples=1, generator=None):
         """As the answer's: z_K [n, B, D], log q(z_K|x) - log p(z_K) [n, B], and KL(q(z|x) || p(z)) [B],
@@ -193,23 +209,65 @@ class FlowVAE(vae.VAE):
         return z, log_q_over_p, log_q_over_p.mean(0)
 
     def loss(self, input, kl_weight=1.0):
-        """In training with iw_samples = k > 1, minus the importance-weighted bound L_k; otherwise the
-        answer's loss (with the closed-form KL where q(z|x) is the Gaussian)."""
-        if not self.training or self.iw_samples == 1:
+        """In training with iw_samples = k > 1 or the "dreg" estimator, minus the importance-weighted
+        bound L_k with the gradient of ``iw_estimator``; otherwise the answer's loss (with the
+        closed-form KL where q(z|x) is the Gaussian)."""
+        if not self.training or (self.iw_samples == 1 and self.iw_estimator == "iwae"):
             return super().loss(input, kl_weight)
-        return importance_weighted_loss(self, input.reshape(-1, vae.N_PIXELS), self.iw_samples, kl_weight)
+        return importance_weighted_loss(self, input.reshape(-1, vae.N_PIXELS), self.iw_samples, kl_weight,
+                                        self.iw_estimator)
 
 
-def importance_weighted_loss(model, x, n_samples, kl_weight=1.0):
+def importance_weighted_loss(model, x, n_samples, kl_weight=1.0, estimator="iwae"):
     """Per image, minus the importance-weighted bound L_k = log (1/k) sum_i w_i with
     w_i = p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x) reparameterised (Burda et al., 2016, eq. 8), computed
     with logsumexp; log p(z_i) - log q(z_i|x) is scaled by the KL warm-up's beta, as L_reg is in the ELBO.
     L_1 is the ELBO, and E[L_k] rises with k towards log p(x). Returns (-L_k [B], the negative ELBO [B]
-    estimated from the same k samples with beta = 1)."""
+    estimated from the same k samples with beta = 1). ``estimator`` = "dreg": the same values, with
+    the gradients of ``doubly_reparameterised_loss``."""
+    if estimator == "dreg":
+        return doubly_reparameterised_loss(model, x, n_samples, kl_weight)
     z, log_q_over_p, _ = model.posterior(x, n_samples)
     log_px_given_z = -vae.reconstruction_loss(model.decoder.logits(z), x)
     bound = (log_px_given_z - kl_weight * log_q_over_p).logsumexp(0) - math.log(n_samples)
     return -bound, (log_q_over_p - log_px_given_z).mean(0)
+
+
+def doubly_reparameterised_loss(model, x, n_samples, kl_weight=1.0):
+    """``importance_weighted_loss``'s values, from the same draws, with the gradients of the doubly
+    reparameterised estimator (DReG, Tucker et al., 2019), for the Gaussian q(z|x). With normalised
+    weights w~_i = w_i / sum_j w_j, the decoder's gradient is the usual sum_i w~_i d log w_i / d theta,
+    and the encoder's
+
+        sum_i ((1 - beta) w~_i + beta w~_i^2) (d log w_i / d z_i) (d z_i / d phi),
+
+    where d log w_i / d z_i holds q's parameters fixed (the stop-gradient in log q(z_i|x)): the
+    score-function term of the IWAE gradient, E[sum_i w~_i d log q(z_i|x) / d phi] times beta,
+    rewritten by reparameterisation as a path derivative (their eq. 5-7); beta = 1 gives their w~_i^2.
+    It is built as a surrogate: the gradient of logsumexp_i log w_i with q's parameters detached is
+    w~_i along each path, and a hook multiplies the gradient reaching z_i by (1 - beta) + beta w~_i.
+
+    A flow posterior is refused: its density at z_K with the parameters detached would need z_0 =
+    f^-1(z_K), the flow's inverse."""
+    if getattr(model, "flow", None) is not None:
+        raise ValueError("the DReG estimator needs the Gaussian posterior: the density of a flow posterior "
+                         "at z_K with its parameters detached needs the flow's inverse")
+    mean, std = model.encoder(x)  # as the answer's posterior, so the same noise gives the same z
+    z, log_q_over_p = vae.reparameterise(mean, std, n_samples)
+    # log q(z|x) - log p(z) at the same z with q's mean and std detached: the encoder reaches it only
+    # through z = mean + std * eps.
+    eps = (z - mean.detach()) / std.detach()
+    log_q_over_p_fixed_q = (0.5 * (z.square() - eps.square()) - std.detach().log()).sum(-1)
+    log_px_given_z = -vae.reconstruction_loss(model.decoder.logits(z), x)
+    log_w = log_px_given_z - kl_weight * log_q_over_p
+    bound = log_w.logsumexp(0) - math.log(n_samples)
+    surrogate = (log_px_given_z - kl_weight * log_q_over_p_fixed_q).logsumexp(0)
+    if z.requires_grad:
+        weights = torch.softmax(log_w.detach(), dim=0)
+        z.register_hook(lambda grad: grad * ((1 - kl_weight) + kl_weight * weights).unsqueeze(-1))
+    # The value is -L_k itself; the gradient is the surrogate's.
+    negative_bound = -(bound.detach() + (surrogate - surrogate.detach()))
+    return negative_bound, (log_q_over_p - log_px_given_z).mean(0).detach()
 
 
 def load_sampler(checkpoint_path, device="cpu"):

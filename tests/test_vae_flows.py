@@ -1,5 +1,6 @@
-"""extensions.vae_flows: planar and IAF posteriors against autograd and closed forms, the
-importance-weighted bound against quadrature, and the module's command line end to end on a small
+"""extensions.vae_flows: planar and IAF posteriors against autograd, closed forms and quadrature,
+the importance-weighted bound against quadrature, its DReG gradient against the IWAE gradient and
+the exact posterior of a linear-Gaussian model, and the module's command line end to end on a small
 fake MNIST folder."""
 
 import dataclasses
@@ -9,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (
     assert_rebuild_reproduces_the_run,
     assert_refused_in_one_line,
@@ -22,9 +24,10 @@ from datasets.loader import TensorLoader
 from extensions import vae_flows as vf
 
 
-def flow_vae(posterior, z_dim=3, flow_steps=3, seed=0, hidden_dim=16, iw_samples=1):
+def flow_vae(posterior, z_dim=3, flow_steps=3, seed=0, hidden_dim=16, iw_samples=1, iw_estimator="iwae"):
     torch.manual_seed(seed)
-    return vf.FlowVAE(hidden_dim, z_dim, 1, posterior, flow_steps, iw_samples, iaf_hidden_dim=32).eval()
+    return vf.FlowVAE(hidden_dim, z_dim, 1, posterior, flow_steps, iw_samples, iaf_hidden_dim=32,
+                      iw_estimator=iw_estimator).eval()
 
 
 def flow_and_context(posterior, z_dim=3, steps=3, seed=0):
@@ -40,8 +43,9 @@ def flow_and_context(posterior, z_dim=3, steps=3, seed=0):
 def test_settings_add_the_extensions_fields_to_the_answers():
     assert {field.name for field in dataclasses.fields(vf.Settings)} == \
         {field.name for field in dataclasses.fields(vae.Settings)} | \
-        {"posterior", "flow_steps", "iw_samples", "iaf_hidden_dim", "iaf_gate_bias"}
+        {"posterior", "flow_steps", "iw_samples", "iaf_hidden_dim", "iaf_gate_bias", "iw_estimator"}
     assert (vf.DEFAULT.posterior, vf.DEFAULT.flow_steps, vf.DEFAULT.iw_samples) == ("iaf", 4, 1)
+    assert vf.DEFAULT.iw_estimator == "iwae"
     assert harness.settings.differences(vf.DEFAULT, vf.Settings(**dataclasses.asdict(vae.DEFAULT))) == \
         {"epochs": 80}
     # --template: the answer's template training, with this module's posterior
@@ -162,6 +166,77 @@ def test_importance_sampled_likelihood_with_a_flow_posterior_matches_quadrature(
     assert negative_elbo > nll + 0.5
 
 
+def test_iaf_steps_see_the_encoders_context():
+    """IAF's m and s depend on the encoder's context h (Kingma et al., 2016, sec. 4): the same z_0 goes
+    to another z_K under another h, in every dimension, both in the flow and through the posterior,
+    where only the layer that makes h changes."""
+    flow, context = flow_and_context("iaf", z_dim=3, steps=2)
+    z_0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        z_k, log_det = flow(z_0, context)
+        other_z_k, other_log_det = flow(z_0, context + torch.randn_like(context))
+    assert (z_k - other_z_k).abs().min() > 1e-4 and (log_det - other_log_det).abs().min() > 1e-4
+
+    model = flow_vae("iaf", z_dim=3, flow_steps=2, seed=1)
+    x = binary_images(4, seed=2).reshape(4, -1)
+    draws = []
+    for perturbed in (False, True):
+        with torch.no_grad():
+            if perturbed:  # another h from the same hidden layer; q_0's mean and std stay as they were
+                model.context.weight.add_(0.3 * torch.randn_like(model.context.weight))
+            torch.manual_seed(5)
+            draws.append(model.posterior(x)[:2])
+    (z_k, log_q_over_p), (other_z_k, other_log_q_over_p) = draws
+    assert (z_k - other_z_k).abs().min() > 1e-4 and (log_q_over_p - other_log_q_over_p).abs().min() > 1e-4
+
+
+def invert_iaf(flow, z_k, context):
+    """z_0 with flow(z_0) = z_k, step by step backwards: in each step's order, z_i = (z'_i - (1 -
+    sigma_i) m_i) / sigma_i with m_i and sigma_i functions of the z_j before z_i, so D + 1 sweeps of
+    that update from any start give the exact inverse (MADE's m and s, as IAFStep.forward makes them)."""
+    z = z_k
+    for step in reversed(flow.steps):
+        target = z
+        for _ in range(z.shape[-1] + 1):
+            m, s = step.output(F.elu(step.input(z) + step.context(context))).chunk(2, dim=-1)
+            sigma = torch.sigmoid(s)
+            z = (target - (1 - sigma) * m) / sigma
+    return z
+
+
+def test_iaf_posterior_density_integrates_to_one_in_two_dimensions():
+    """q(z_K|x) = q_0(z_0|x) / |det dz_K/dz_0| at z_0 = f^-1(z_K), summed over a fine 2-D grid of z_K,
+    is 1. At z_dim = 2, unlike z_dim = 1, a (perturbed) IAF is not an affine map: the second variable's
+    shift and gate depend on the first, so the check covers the autoregressive log-determinant."""
+    model = flow_vae("iaf", z_dim=2, flow_steps=3, seed=3).double()
+    with torch.no_grad():
+        for step in model.flow.steps:
+            step.output.weight.mul_(4)
+    x = binary_images(1, seed=1).reshape(1, -1).double()
+    with torch.no_grad():
+        hidden = model.encoder.net[:-1](x)
+        mean, log_std = model.encoder.net[-1](hidden).chunk(2, dim=-1)
+        context = model.context(hidden)
+        torch.manual_seed(0)
+        samples = model.posterior(x, 20_000)[0][:, 0]
+        low = samples.amin(0) - 3 * samples.std(0)
+        high = samples.amax(0) + 3 * samples.std(0)
+        axes = [torch.linspace(low[d].item(), high[d].item(), 601, dtype=torch.float64) for d in range(2)]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 1, 2)
+        z_0 = invert_iaf(model.flow, grid, context)
+        z_k, log_det = model.flow(z_0, context)
+        torch.testing.assert_close(z_k, grid, rtol=0, atol=1e-9)
+        eps = (z_0 - mean) / log_std.exp()
+        log_q0 = (-0.5 * eps.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        cell = (axes[0][1] - axes[0][0]) * (axes[1][1] - axes[1][0])
+        assert (torch.exp(log_q0 - log_det).sum() * cell).item() == pytest.approx(1, abs=1e-3)
+
+    # Not affine: the Jacobian of z_0 -> z_K changes from one point to another, off its diagonal too.
+    jacobians = [torch.autograd.functional.jacobian(lambda z: model.flow(z, context)[0][0], point)[:, 0]
+                 for point in (z_0[0], z_0[-1])]
+    assert (jacobians[0] - jacobians[1]).abs().min() > 0.01
+
+
 # ---------------------------------------------------------------- importance-weighted bound
 
 def test_importance_weighted_bound_with_one_sample_is_the_elbo_estimate():
@@ -230,6 +305,130 @@ def test_training_on_the_importance_weighted_bound_returns_the_negative_elbo(mon
     assert evaluated == pytest.approx(one_sample, rel=1e-6)
 
 
+# ---------------------------------------------------------------- the DReG gradient
+
+def estimator_gradients(model, x, k, estimator, seed, kl_weight=1.0):
+    """(-L_k [B], {name: gradient of the batch's sum of -L_k}) of ``estimator``, its z from ``seed``."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss, _ = vf.importance_weighted_loss(model, x, k, kl_weight, estimator)
+    loss.sum().backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def dreg_test_vae(seed=1):
+    model = tiny_vae(z_dim=2, hidden_dim=8, seed=seed, hidden_layers=1).double()
+    with torch.no_grad():
+        model.decoder.net[-1].weight.mul_(4)  # a posterior far from the Gaussian: unequal weights
+    return model
+
+
+@pytest.mark.parametrize("kl_weight", [1.0, 0.3])
+def test_dreg_keeps_the_bound_and_the_decoders_iwae_gradient(kl_weight):
+    """From the same z, DReG's value is -L_k and its decoder gradient is IWAE's; its encoder gradient
+    is another (the two agree only in expectation, the next test)."""
+    model = dreg_test_vae()
+    x = binary_images(3, seed=2).reshape(3, -1).double()
+    iwae_loss, iwae = estimator_gradients(model, x, 5, "iwae", seed=4, kl_weight=kl_weight)
+    dreg_loss, dreg = estimator_gradients(model, x, 5, "dreg", seed=4, kl_weight=kl_weight)
+    assert torch.equal(dreg_loss, iwae_loss)
+    for name in iwae:
+        if name.startswith("decoder"):
+            torch.testing.assert_close(dreg[name], iwae[name], rtol=1e-10, atol=1e-12)
+    assert max((dreg[name] - iwae[name]).abs().max() for name in iwae if name.startswith("encoder")) > 1e-2
+
+
+@pytest.mark.parametrize("kl_weight", [1.0, 0.5])
+def test_dreg_encoder_gradient_is_the_iwae_gradient_in_expectation(kl_weight):
+    """Tucker et al. (2019, eq. 7): E[DReG's encoder gradient] = E[IWAE's], with beta (the KL warm-up)
+    the weights (1 - beta) w~_i + beta w~_i^2. Checked on the encoder's output layer and first biases
+    over 100 groups of 20 draws of both estimators from the same z, against the standard error of
+    their difference, while IWAE's own mean is many standard errors from 0."""
+    model = dreg_test_vae()
+    x = binary_images(2, seed=2).reshape(2, -1).double().repeat(20, 1)
+    names = ["encoder.net.0.bias", "encoder.net.2.weight", "encoder.net.2.bias"]
+    differences, iwae_means = [], []
+    for seed in range(100):
+        iwae = estimator_gradients(model, x, 4, "iwae", seed, kl_weight)[1]
+        dreg = estimator_gradients(model, x, 4, "dreg", seed, kl_weight)[1]
+        iwae_means.append(torch.cat([iwae[name].flatten() for name in names]))
+        differences.append(torch.cat([(dreg[name] - iwae[name]).flatten() for name in names]))
+    differences, iwae_means = torch.stack(differences), torch.stack(iwae_means)
+    difference_error = differences.std(0) / math.sqrt(len(differences))
+    # The estimators differ draw by draw, but in the gradients of units that are dead for these images.
+    assert (difference_error > 0).sum() >= 20
+    assert (differences.mean(0).abs() <= 4.5 * difference_error).all()
+    iwae_error = iwae_means.std(0) / math.sqrt(len(iwae_means))
+    assert (iwae_means.mean(0).abs() > 10 * iwae_error).sum() >= 10  # a non-zero gradient to agree on
+
+
+def gaussian_negative_log_likelihood(mean, x):
+    """-log N(x; mean, I) summed over the 784 dimensions: the linear-Gaussian toy's p(x|z)."""
+    return 0.5 * (x - mean).square().sum(-1) + 0.5 * vae.N_PIXELS * math.log(2 * math.pi)
+
+
+def linear_gaussian_vae(scales=(1.5, 0.7), seed=0):
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, I) with orthogonal columns of W (norms ``scales``), and the
+    encoder set to the exact posterior N(S W^T (x - b), S), S = (I + W^T W)^-1, diagonal. The
+    decoder's "logits" are the Gaussian's mean (``gaussian_negative_log_likelihood`` replaces the
+    Bernoulli reconstruction loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.tensor(scales, dtype=torch.float64)
+    z_dim = len(scales)
+    directions = torch.randn(vae.N_PIXELS, z_dim, generator=generator, dtype=torch.float64)
+    w = torch.linalg.qr(directions)[0] * scales
+    b = 0.3 * torch.randn(vae.N_PIXELS, generator=generator, dtype=torch.float64)
+    variance = 1 / (1 + scales.square())
+    to_mean = variance[:, None] * w.T
+    model = vae.VAE(hidden_dim=8, z_dim=z_dim, hidden_layers=1).double()
+    model.decoder.net = torch.nn.Linear(z_dim, vae.N_PIXELS).double()
+    model.encoder.net = torch.nn.Linear(vae.N_PIXELS, 2 * z_dim).double()
+    with torch.no_grad():
+        model.decoder.net.weight.copy_(w)
+        model.decoder.net.bias.copy_(b)
+        model.encoder.net.weight.copy_(torch.cat([to_mean, torch.zeros_like(to_mean)]))
+        model.encoder.net.bias.copy_(torch.cat([-to_mean @ b, 0.5 * variance.log()]))
+    x = (torch.randn(4, z_dim, generator=generator, dtype=torch.float64) @ w.T + b
+         + torch.randn(4, vae.N_PIXELS, generator=generator, dtype=torch.float64))
+    log_px = torch.distributions.MultivariateNormal(b, w @ w.T + torch.eye(vae.N_PIXELS)).log_prob(x)
+    return model, x, log_px
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_dreg_encoder_gradient_is_zero_at_the_exact_posterior(monkeypatch, k):
+    """When q(z|x) is the true posterior every weight w_i is p(x), whatever z_i: d log w_i / d z_i = 0,
+    so DReG's encoder gradient is 0 for every draw (Tucker et al., 2019, sec. 4; Roeder et al., 2017,
+    at k = 1), while IWAE's is not: its score-function term is 0 only in expectation."""
+    monkeypatch.setattr(vae, "reconstruction_loss", gaussian_negative_log_likelihood)
+    model, x, log_px = linear_gaussian_vae()
+    for i in range(len(x)):
+        for seed in range(3):
+            dreg_loss, dreg = estimator_gradients(model, x[i:i + 1], k, "dreg", seed)
+            iwae_loss, iwae = estimator_gradients(model, x[i:i + 1], k, "iwae", seed)
+            torch.testing.assert_close(-dreg_loss, log_px[i:i + 1], rtol=1e-10, atol=1e-8)  # every w_i = p(x)
+            assert torch.equal(dreg_loss, iwae_loss)
+            encoder = [name for name in dreg if name.startswith("encoder")]
+            assert max(dreg[name].abs().max() for name in encoder) < 1e-8
+            assert max(iwae[name].abs().max() for name in encoder) > 0.1
+
+
+def test_the_dreg_setting_trains_the_gaussian_posterior_on_dregs_loss():
+    """iw_estimator = "dreg" reaches the model, and its training loss is DReG's, even at k = 1 (the
+    path-derivative ELBO gradient); evaluation stays on the answer's ELBO."""
+    settings = dataclasses.replace(vf.DEFAULT, posterior="gaussian", iw_estimator="dreg")
+    assert vf.FlowVAE.from_settings(settings).iw_estimator == "dreg"
+    model = flow_vae("gaussian", iw_estimator="dreg").train()
+    x = binary_images(4, seed=3).reshape(4, -1)
+    torch.manual_seed(2)
+    loss, negative_elbo = model.loss(x, 0.5)
+    torch.manual_seed(2)
+    expected = vf.importance_weighted_loss(model, x, 1, 0.5, "dreg")
+    for ours, theirs in zip((loss, negative_elbo), expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="needs the flow's inverse"):
+        vf.importance_weighted_loss(flow_vae("iaf"), x, 2, estimator="dreg")
+
+
 # ---------------------------------------------------------------- command line
 
 @pytest.fixture
@@ -295,6 +494,16 @@ def test_smoke_run_with_a_planar_posterior_and_the_templates_training(smoke):
 def test_an_unknown_posterior_ends_in_one_line(smoke):
     assert_refused_in_one_line(lambda: vf.main(argv(smoke, smoke / "out", "--set", "posterior=realnvp")),
                                "posterior=realnvp", "gaussian, planar, iaf")
+
+
+@pytest.mark.parametrize("settings, fragments", [
+    (("iw_estimator=reinforce",), ("iw_estimator=reinforce", "iwae, dreg")),
+    (("iw_estimator=dreg",), ("iw_estimator=dreg", "posterior=gaussian, not iaf", "flow's inverse")),
+    (("iw_estimator=dreg", "posterior=planar"), ("not planar",)),
+])
+def test_an_unknown_or_unsupported_estimator_ends_in_one_line(smoke, settings, fragments):
+    flags = [word for setting in settings for word in ("--set", setting)]
+    assert_refused_in_one_line(lambda: vf.main(argv(smoke, smoke / "out", *flags)), *fragments)
 
 
 def test_defaults_and_help():
