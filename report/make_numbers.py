@@ -3,13 +3,15 @@
     python report/make_numbers.py [--results results] [--out report/generated]
 
 Reads the canonical runs, results/{vae,vae_z2,gan,nf}/metrics.json (the default configurations that
-`make results` trains), the ablations and seed studies, results/ablations/<name>/metrics.json, the
-runs beyond the assignment that `make extensions` trains, results/extensions/<name>/metrics.json, and
-results/reference.json (random subsets of real images measured like samples, mean and standard
-deviation). Every run is read through ``report.tables.read_run`` (``harness.schema.read``, with the
-evaluation that results/comparison.md shows: metrics.json's, or a newer evaluation.json beside it);
-settings come from the run's recorded "settings", the epochs its figures show from its "milestones"
-and the figures' file names from its "figures". Writes into --out:
+`make results` trains), the runs of the selection experiments that experiments.py declares (each
+entry's folder: results/ablations/<name>/metrics.json, or the canonical run it names; no other folder
+of results/ablations/ is read), the runs beyond the assignment that `make extensions` trains,
+results/extensions/<name>/metrics.json, and results/reference.json (random subsets of real images
+measured like samples, mean and standard deviation). Every run is read through
+``report.tables.read_run`` (``harness.schema.read``, with the evaluation that results/comparison.md
+shows: metrics.json's, or a newer evaluation.json beside it); settings come from the run's recorded
+"settings", the epochs its figures show from its "milestones" and the figures' file names from its
+"figures". Writes into --out:
   numbers.tex           one \\newcommand per number, e.g. \\VaeTestNegElbo
   comparison_table.tex  the rows of the model comparison table (question 4.1): size, cost, likelihood
   comparison_samples.tex  its rows of sample measures, with the real images' mean and sd
@@ -17,13 +19,21 @@ and the figures' file names from its "figures". Writes into --out:
   ext_nf_table.tex      the rows of the flow extensions' table (conv couplings, variational noise)
   gan_progress.tex      the rows of the GAN's sample measures during training (question 2.6)
   vae_naive_mc.tex      the rows of the naive Monte-Carlo study (question 1.4)
+  select_vae.tex        the rows of the VAE's selection experiments: what each entry adds, validation
+                        negative ELBO and NLL, and which is chosen
+  select_gan.tex        the GAN's: FID, precision and recall against the selection reference at the
+                        last epoch, the chosen one and the seed studies
+  select_nf.tex         the flow's: validation bits/dim of the shortened runs, the chosen one
+Each model's candidates are scored as report.tables scores them for results/ablations.md (its
+SELECTIONS, on held-out data, never the test set); the lowest score is chosen once every candidate
+has one (before that, the choice prints as ??, as does a row whose run has not been made).
 A number whose source is missing (no run yet, or a metrics.json of another schema) prints as a bold
 ?? in the PDF, with a warning here, so that the report always builds, also before (or without) the
 training runs. Files are rewritten only when their content changes.
 
-To add a model: add its run to RUNS (canonical) or ABLATIONS, its macros to NUMBERS (training_numbers,
-evaluation_numbers and yardstick_numbers give the common ones) and, if the report's comparison shows
-it, a row to MODELS. To add a metric of the yardstick: a Number in evaluation_numbers or
+To add a model: add its run to RUNS (canonical) or an entry to experiments.py, its macros to NUMBERS
+(training_numbers, evaluation_numbers and yardstick_numbers give the common ones) and, if the report's
+comparison shows it, a row to MODELS. To add a metric of the yardstick: a Number in evaluation_numbers or
 yardstick_numbers (one macro per model), and a cell in yardstick_cells if the comparison table shows it.
 """
 
@@ -37,10 +47,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import experiments  # noqa: E402
 from evaluation import MEMORISED_QUANTILE  # noqa: E402
 from harness.files import write_text_if_changed  # noqa: E402
 from harness.schema import SchemaError  # noqa: E402
-from report.tables import read_run  # noqa: E402
+from report import tables  # noqa: E402
 
 PLACEHOLDER = r"\textbf{??}"
 # Stands in for a missing epoch in a figure's file name: plain text, so the figure shows as missing.
@@ -49,14 +60,16 @@ MISSING_TAG = "NNN"
 VAE_FIGURE_TAGS = {"VaeHalfwayTag": "halfway", "VaeFinalTag": "end"}
 # The canonical runs, each in results/<run>/.
 RUNS = ("vae", "vae_z2", "gan", "nf")
-# The ablations and seed studies the report cites, each in results/ablations/<name>/. Every folder
-# there is loaded; these are the ones whose absence is worth a warning.
-ABLATIONS = (
-    "gan_template", "gan_no_r1", "gan_batch_64", "gan_batch_64_seed_1", "gan_seed_42", "gan_seed_1",
-    "gan_seed_2", "gan_batch_128_lr2e-4", "gan_batch_128_lr4e-4", "gan_batch_128_lr4e-4_ema-0.998",
-    "gan_batch_128_lr4e-4_r1-0.6", "nf_batch_128",
-    "nf_lr_sweep_a", "nf_lr_sweep_b", "nf_lr_sweep_c",
-)
+# The selection experiments (experiments.py), per script: the generated file of its table rows and
+# the prefix of its macros. Their runs are known here by their entries' names.
+SELECTION_TABLES = {experiments.VAE: ("select_vae.tex", "Vae"), experiments.GAN: ("select_gan.tex", "Gan"),
+                    experiments.NF: ("select_nf.tex", "Nf")}
+# The entries whose numbers the prose cites, per macro prefix: the template's training (for the flow,
+# the shortened run at the template's batch and learning rate) and the default.
+TEMPLATE_ENTRIES = {"Vae": "vae_template", "Gan": "gan_template", "Nf": "nf_batch_128_lr_1e-3"}
+DEFAULT_ENTRIES = {"Vae": "vae_default", "Gan": "gan_default"}
+# The last column of a selection table, for the entries that do not compete.
+SEED_STUDY, NO_CANDIDATE, CHOSEN = "seed study", "not a candidate", r"\textbf{chosen}"
 # The runs of `make extensions`, each in results/extensions/<name>/ and known here as
 # "extensions/<name>": the VAE with the Gaussian posterior and planar and IAF flow posteriors (all
 # 80 epochs, the same K), and the flow with convolutional couplings and
@@ -71,14 +84,6 @@ BMNIST_SOURCES = {
     "reproduction": "our reproduction of the standard binarization (the original files could not be "
                     "downloaded), so they compare with the papers' only roughly",
 }
-# One configuration trained with several seeds: the default GAN (the previous default run, batch 128,
-# is gan_seed_42) and the GAN at the template's batch of 64.
-SEED_STUDIES = {
-    "GanSeed": ("gan_seed_42", "gan_seed_1", "gan_seed_2"),
-    "GanSmallBatchSeed": ("gan_batch_64", "gan_batch_64_seed_1"),
-}
-# The flow's learning-rate sweep (batch 128, validation bits/dim decides).
-NF_SWEEP = ("nf_lr_sweep_a", "nf_lr_sweep_b", "nf_lr_sweep_c")
 # A sample counts as memorised when it is nearer to a training image than all but MEMORISED_QUANTILE
 # of the test images are to theirs, so a model that does not copy scores about that share; the
 # quantile is taken over the TEST_IMAGES images of MNIST's test set.
@@ -96,8 +101,8 @@ HEADER = "% Generated by report/make_numbers.py from results/: do not edit.\n"
 @dataclass(frozen=True)
 class Number:
     """One macro: the value at ``path`` (keys and list indices) in the metrics of ``run`` (a canonical
-    run, an ablation, "extensions/<name>" or "reference"), times ``scale``, written with ``fmt``: "int"
-    (digit groups), "f1".."f4" (decimals), "g" (shortest) or "text"."""
+    run, an entry of experiments.py by its name, "extensions/<name>" or "reference"), times ``scale``,
+    written with ``fmt``: "int" (digit groups), "f1".."f4" (decimals), "g" (shortest) or "text"."""
 
     macro: str
     run: str
@@ -184,7 +189,13 @@ NUMBERS = [
     Number("VaeTestNegElbo", "vae", ("test", "negative_elbo"), "f2"),
     Number("VaeTestNll", "vae", ("test", "nll_importance"), "f2"),
     Number("VaeImportanceSamples", "vae", ("test", "importance_samples"), "int"),
+    Number("VaeValImportanceSamples", "vae", ("validation", "importance_samples"), "int"),
     Number("VaeValNll", "vae", ("validation", "nll_importance"), "f2"),
+    # The sample measures of the binary samples x ~ p(x|z), beside those of their means ("evaluation").
+    Number("VaeBinaryFid", "vae", ("evaluation_binary", "fid"), "f2"),
+    Number("VaeBinaryPrecision", "vae", ("evaluation_binary", "precision"), "f3"),
+    Number("VaeBinaryRecall", "vae", ("evaluation_binary", "recall"), "f3"),
+    Number("VaeBinaryScore", "vae", ("evaluation_binary", "score"), "f2"),
     Number("VaeInitValNegElbo", "vae", ("curves", "val_negative_elbo", 0), "f1"),
     Number("VaeTrainNegElbo", "vae", ("curves", "train_negative_elbo", -1), "f2"),
     Number("VaeNaiveImages", "vae", ("naive_mc", "images"), "int"),
@@ -208,26 +219,12 @@ NUMBERS = [
     Number("GanRoneInterval", "gan", setting("r1_interval"), "int"),
     Number("GanInterpFrom", "gan", ("interpolation_digits", 0, "digits", 0), "int"),
     Number("GanInterpTo", "gan", ("interpolation_digits", 0, "digits", 1), "int"),
-    # The GAN trained exactly as the template does, and the one without the R1 penalty.
-    *evaluation_numbers("GanTemplate", "gan_template"),
-    Number("GanTemplateBatchSize", "gan_template", setting("batch_size"), "int"),
-    Number("GanTemplateLr", "gan_template", setting("lr"), "g"),
-    *evaluation_numbers("GanNoRone", "gan_no_r1"),
-    Number("GanNoRoneBatchSize", "gan_no_r1", setting("batch_size"), "int"),
-    Number("GanNoRoneLr", "gan_no_r1", setting("lr"), "g"),
-    Number("GanNoRoneLossD", "gan_no_r1", ("curves", "loss_d", -1), "f3"),
-    # Batch and learning-rate ablations (the four batch-128 trials decay from the same epoch).
-    Number("GanSmallBatchFid", "gan_batch_64", ("evaluation", "fid"), "f2"),
-    Number("GanTrialLowLr", "gan_batch_128_lr2e-4", setting("lr"), "g"),
-    Number("GanTrialLowLrFid", "gan_batch_128_lr2e-4", ("evaluation", "fid"), "f2"),
-    Number("GanTrialLr", "gan_batch_128_lr4e-4", setting("lr"), "g"),
-    Number("GanTrialFid", "gan_batch_128_lr4e-4", ("evaluation", "fid"), "f2"),
-    Number("GanTrialEma", "gan_batch_128_lr4e-4_ema-0.998", setting("ema_decay"), "g"),
-    Number("GanTrialEmaFid", "gan_batch_128_lr4e-4_ema-0.998", ("evaluation", "fid"), "f2"),
-    Number("GanTrialRGamma", "gan_batch_128_lr4e-4_r1-0.6", setting("r1_gamma"), "g"),
-    Number("GanTrialRoneFid", "gan_batch_128_lr4e-4_r1-0.6", ("evaluation", "fid"), "f2"),
-    Number("GanSeedBatchSize", "gan_seed_42", setting("batch_size"), "int"),
-    Number("GanSmallBatchSize", "gan_batch_64", setting("batch_size"), "int"),
+    # The GAN trained exactly as the template does (the first rung of the selection ladder); its
+    # "evaluation" is scored against the test images at the end, not used for choosing.
+    *evaluation_numbers("GanTemplate", TEMPLATE_ENTRIES["Gan"]),
+    Number("GanTemplateBatchSize", TEMPLATE_ENTRIES["Gan"], setting("batch_size"), "int"),
+    Number("GanTemplateLr", TEMPLATE_ENTRIES["Gan"], setting("lr"), "g"),
+    Number("GanTemplateLossD", TEMPLATE_ENTRIES["Gan"], ("curves", "loss_d", -1), "f3"),
     # ------------------------------------------------------------ flow
     *training_numbers("Nf", "nf"),
     *evaluation_numbers("Nf", "nf"),
@@ -239,11 +236,9 @@ NUMBERS = [
     Number("NfTestBpd", "nf", ("test", "bpd"), "f3"),
     Number("NfTrainBpd", "nf", ("curves", "train_bpd", -1), "f3"),
     Number("NfValBpd", "nf", ("curves", "val_bpd", -1), "f3"),
-    # The flow at the template's batch of 128.
-    Number("NfSmallBatchSize", "nf_batch_128", setting("batch_size"), "int"),
-    Number("NfSmallBatchValBpd", "nf_batch_128", ("curves", "val_bpd", -1), "f3"),
-    Number("NfSmallBatchTestBpd", "nf_batch_128", ("test", "bpd"), "f3"),
-    Number("NfSmallBatchTrainMinutes", "nf_batch_128", ("wall_time_s",), "f1", 1 / 60),
+    # The template's batch and learning rate, as its shortened run of the selection recorded them.
+    Number("NfTemplateBatchSize", TEMPLATE_ENTRIES["Nf"], setting("batch_size"), "int"),
+    Number("NfTemplateLr", TEMPLATE_ENTRIES["Nf"], setting("lr"), "g"),
     # ------------------------------------------------------------ real images and the classifier
     Number("ClassifierAccuracy", "reference", ("classifier_test_accuracy",), "f2", 100),
     # The real images' row: the mean over random subsets, and (Sd) the standard deviation over them.
@@ -348,13 +343,6 @@ def derived_numbers(metrics):
             f"{prefix}FractionMaxDigit": (shares.index(max(shares)) if shares else None, "int"),
         }
 
-    def seed_study(prefix, runs):
-        """{prefix}Runs, {prefix}FidMin, {prefix}FidMax over the runs that finished."""
-        fids = [fid for run in runs if is_number(fid := get(run, "evaluation", "fid"))]
-        return {f"{prefix}Runs": (len(fids) or None, "int"),
-                f"{prefix}FidMin": (min(fids) if fids else None, "f2"),
-                f"{prefix}FidMax": (max(fids) if fids else None, "f2")}
-
     def progress_reference():
         """In words, the images the GAN's progress rows were scored against: rows without a
         "reference" predate the selection reference and were scored against the test images."""
@@ -373,15 +361,6 @@ def derived_numbers(metrics):
             return None
         texts = [f"{a}$\\to${b}" for a, b in pairs]
         return " and ".join([", ".join(texts[:-1]), texts[-1]]) if len(texts) > 1 else texts[0]
-
-    def sweep():
-        """(lr, final validation bpd) of each finished run of the flow's sweep."""
-        runs = []
-        for run in NF_SWEEP:
-            lr, bpd = get(run, "settings", "lr"), get(run, "curves", "val_bpd", -1)
-            if is_number(lr) and is_number(bpd):
-                runs.append((lr, bpd))
-        return sorted(runs)
 
     nll, negative_elbo = get("vae", "test", "nll_importance"), get("vae", "test", "negative_elbo")
     # The validation ELBO of the final model: the new runs report it beside "test"; older ones only
@@ -412,11 +391,7 @@ def derived_numbers(metrics):
         spread = sum(math.sqrt(q * (1 - q) / n) for n in (samples, TEST_IMAGES))
         return compare(max(shares), q, spread)
 
-    template_best = best_progress("gan_template", "fid", min)
-    no_r1_best = best_progress("gan_no_r1", "fid", min)
-    trials = sweep()
-    best_trial = min(trials, key=lambda t: t[1]) if trials else None
-    sweep_batch = {get(run, "settings", "batch_size") for run in NF_SWEEP if run in metrics}
+    template_best = best_progress(TEMPLATE_ENTRIES["Gan"], "fid", min)
     return {
         **extension_numbers(get),
         "VaeHalfwayEpoch": (get("vae", "milestones", "halfway"), "int"),
@@ -428,11 +403,8 @@ def derived_numbers(metrics):
         "GanHalfwayEpoch": (get("gan", "milestones", "halfway"), "int"),
         # The first epoch whose learning rate is below the base one.
         "GanLrDecayEpoch": (get("gan", "milestones", "lr_decay_start"), "int"),
-        "GanNoRoneLrDecayEpoch": (get("gan_no_r1", "milestones", "lr_decay_start"), "int"),
-        "GanTrialLrDecayEpoch": (get("gan_batch_128_lr4e-4", "milestones", "lr_decay_start"), "int"),
         **extremes("Gan", "gan"),
-        **extremes("GanNoRone", "gan_no_r1"),
-        **extremes("GanTemplate", "gan_template"),
+        **extremes("GanTemplate", TEMPLATE_ENTRIES["Gan"]),
         "GanBestFidEpoch": (best.get("epoch"), "int"),
         "GanBestFid": (best.get("fid"), "f2"),
         "GanProgressAgainst": (progress_reference(), "latex"),
@@ -444,16 +416,6 @@ def derived_numbers(metrics):
         "GanMemorisedVsChance": (memorised_against_chance("gan"), "text"),
         "GanTemplateBestFidEpoch": (template_best.get("epoch"), "int"),
         "GanTemplateBestFid": (template_best.get("fid"), "f1"),
-        "GanNoRoneBestFidEpoch": (no_r1_best.get("epoch"), "int"),
-        "GanNoRoneBestFid": (no_r1_best.get("fid"), "f1"),
-        **{key: value for prefix, runs in SEED_STUDIES.items()
-           for key, value in seed_study(prefix, runs).items()},
-        "NfSweepRuns": (len(trials) or None, "int"),
-        "NfSweepSettings": (", ".join(f"{lr:g}" for lr, _ in trials) or None, "text"),
-        "NfSweepBatchSize": (sweep_batch.pop() if len(sweep_batch) == 1 else None, "int"),
-        "NfSweepBestLr": (best_trial[0] if best_trial else None, "g"),
-        "NfSweepBestValBpd": (best_trial[1] if best_trial else None, "f3"),
-        "NfSweepWorstValBpd": (max(bpd for _, bpd in trials) if trials else None, "f3"),
     }
 
 
@@ -548,33 +510,113 @@ def read_json(path, read=lambda path: json.loads(path.read_text())):
     return None
 
 
-def load_metrics(results):
-    """{name: metrics} for the canonical runs (results/<run>/), every ablation (results/ablations/
-    <name>/), the extension runs ("extensions/<name>", results/extensions/<name>/) and "reference"
-    (results/reference.json), for the files that exist and are of the current schema; warns about the
-    others. A run's "evaluation" is the latest one, the same that results/comparison.md shows."""
+def load_metrics(results, declarations=experiments):
+    """{name: metrics} for the canonical runs (results/<run>/), the entries of ``declarations``
+    (experiments.py, or a module like it: EXPERIMENTS), by name, each from its folder (an entry that
+    names a canonical run shares its metrics), the extension runs ("extensions/<name>",
+    results/extensions/<name>/) and "reference" (results/reference.json), for the files that exist and
+    are of the current schema; warns about the others. No other run folder is read. A run's
+    "evaluation" is the latest one, the same that results/comparison.md shows."""
     results = Path(results)
     folders = {run: results / run for run in RUNS}
-    ablations = results / "ablations"
-    found = sorted(path.parent.name for path in ablations.glob("*/metrics.json"))
-    folders.update({name: ablations / name for name in (*found, *ABLATIONS)})
+    folders.update({entry.name: tables.entry_folder(results, entry) for entry in declarations.EXPERIMENTS
+                    if entry.name not in folders})
     folders.update({f"extensions/{name}": results / "extensions" / name for name in EXTENSIONS})
-    metrics = {}
+    metrics, read = {}, {}
     for name, folder in folders.items():
-        if (data := read_json(folder / "metrics.json", lambda path: read_run(path.parent))) is not None:
-            metrics[name] = data
+        if folder not in read:
+            read[folder] = read_json(folder / "metrics.json", lambda path: tables.read_run(path.parent))
+        if read[folder] is not None:
+            metrics[name] = read[folder]
     if (reference := read_json(results / "reference.json")) is not None:
         metrics["reference"] = reference
     return metrics
 
 
-def macro_values(metrics):
-    """{macro name: LaTeX text} for every macro."""
+@dataclass(frozen=True)
+class Selection:
+    """One model's selection experiments: its ``entries`` (of experiments.py, in their order), the
+    held-out ``scores`` of the candidates that have one ({name: score}, report.tables' definition), the
+    ``chosen`` entry (the lowest score, None until every candidate has one) and whether that is the
+    script's default (``is_default``, None without a choice)."""
+
+    entries: tuple
+    scores: dict
+    chosen: object
+    is_default: object
+
+    def partner(self, entry):
+        """The seed-42 entry that a seed study repeats with another seed (the same script, base and
+        overrides), or None: an entry that is no seed study."""
+        if entry.candidate or entry.seed == 42:
+            return None
+        return next((other for other in self.entries if other.seed == 42 and other.base == entry.base
+                     and other.overrides == entry.overrides), None)
+
+
+def selections(metrics, declarations=experiments):
+    """{script: Selection} for each script of SELECTION_TABLES, from the runs in ``metrics``."""
+    chosen = {}
+    for script in SELECTION_TABLES:
+        entries = tuple(entry for entry in declarations.EXPERIMENTS if entry.script == script)
+        runs = {entry.name: metrics.get(entry.name) for entry in entries}
+        scores = tables.candidate_scores(script, entries, runs)
+        candidates = [entry for entry in entries if entry.candidate]
+        best = tables.lowest(scores) if candidates and len(scores) == len(candidates) else None
+        entry = next((entry for entry in entries if entry.name == best), None)
+        chosen[script] = Selection(entries, scores, entry,
+                                   None if entry is None else tables.is_default(entry, declarations))
+    return chosen
+
+
+def selection_numbers(metrics, chosen):
+    """{macro: (value, fmt)} of the selection experiments, from ``chosen`` (see selections): per model
+    the chosen entry's note and whether it is the default; the template's and the default's scores
+    (VAE, GAN), the spread of the GAN's score over the seeds of the default and of the template, and
+    the flow's chosen learning rate, batch and score and the epochs of its shortened runs."""
+    numbers = {}
+    for script, (_, prefix) in SELECTION_TABLES.items():
+        selection = chosen[script]
+        numbers[f"{prefix}SelectionChosen"] = (selection.chosen.note if selection.chosen else None, "text")
+        numbers[f"{prefix}SelectionIsDefault"] = (
+            None if selection.is_default is None else "the default" if selection.is_default
+            else "not the default", "text")
+
+    def score(script, name):
+        return tables.SELECTIONS[script][2](metrics[name]) if name in metrics else None
+
+    def seed_spread(name):
+        """max - min of the score over the seed-42 entry ``name`` and its seed studies (all run)."""
+        selection = chosen[experiments.GAN]
+        seeds = [entry.name for entry in selection.entries if entry.name == name
+                 or getattr(selection.partner(entry), "name", None) == name]
+        values = [score(experiments.GAN, seed) for seed in seeds]
+        return max(values) - min(values) if len(values) > 1 and all(map(is_number, values)) else None
+
+    vae, gan = experiments.VAE, experiments.GAN
+    numbers["VaeSelectionTemplateNll"] = (score(vae, TEMPLATE_ENTRIES["Vae"]), "f2")
+    numbers["VaeSelectionDefaultNll"] = (score(vae, DEFAULT_ENTRIES["Vae"]), "f2")
+    numbers["GanSelectionTemplateFid"] = (score(gan, TEMPLATE_ENTRIES["Gan"]), "f2")
+    numbers["GanSelectionDefaultFid"] = (score(gan, DEFAULT_ENTRIES["Gan"]), "f2")
+    numbers["GanSelectionSeedSpread"] = (seed_spread(DEFAULT_ENTRIES["Gan"]), "f2")
+    numbers["GanSelectionTemplateSeedSpread"] = (seed_spread(TEMPLATE_ENTRIES["Gan"]), "f2")
+    flow = chosen[experiments.NF]
+    best = flow.chosen.name if flow.chosen else None
+    numbers["NfSelectionBestLr"] = (lookup(metrics, best, "settings", "lr"), "g")
+    numbers["NfSelectionBestBatchSize"] = (lookup(metrics, best, "settings", "batch_size"), "int")
+    numbers["NfSelectionBestValBpd"] = (flow.scores.get(best), "f3")
+    numbers["NfSelectionEpochs"] = (common_value(lookup(metrics, entry.name, "settings", "epochs")
+                                                 for entry in flow.entries if entry.candidate), "int")
+    return numbers
+
+
+def macro_values(metrics, chosen):
+    """{macro name: LaTeX text} for every macro; ``chosen`` is what ``selections`` returns."""
     values = {}
     for number in NUMBERS:
         value = lookup(metrics, number.run, *number.path)
         values[number.macro] = format_value(value * number.scale if is_number(value) else value, number.fmt)
-    for macro, (value, fmt) in derived_numbers(metrics).items():
+    for macro, (value, fmt) in {**derived_numbers(metrics), **selection_numbers(metrics, chosen)}.items():
         values[macro] = format_value(value, fmt)
     return values
 
@@ -709,27 +751,75 @@ def naive_mc_rows(metrics):
                   for row in rows])
 
 
-# The generated table files, each a function of the loaded metrics.
+def _vae_selection_cells(metrics):
+    validation = metrics.get("validation") or {}
+    return [format_value(validation.get("negative_elbo"), "f2"),
+            format_value(tables.SELECTIONS[experiments.VAE][2](metrics), "f2")]
+
+
+def _gan_selection_cells(metrics):
+    row = tables.selection_fid(metrics) or {}
+    return [format_value(row.get("fid"), "f2"), format_value(row.get("precision"), "f3"),
+            format_value(row.get("recall"), "f3")]
+
+
+def _nf_selection_cells(metrics):
+    return [format_value(tables.SELECTIONS[experiments.NF][2](metrics), "f3")]
+
+
+# Per script, the cells of a selection table's row after the note: VAE, validation negative ELBO and
+# NLL; GAN, FID, precision and recall against the selection reference at the last epoch; flow,
+# validation bits/dim.
+SELECTION_CELLS = {experiments.VAE: (_vae_selection_cells, 2), experiments.GAN: (_gan_selection_cells, 3),
+                   experiments.NF: (_nf_selection_cells, 1)}
+
+
+def selection_rows(metrics, selection):
+    """One row per entry of a model's ``selection`` (see selections): what it adds (its note), its
+    held-out measures (SELECTION_CELLS) and a last cell that marks the chosen entry, a seed study or
+    another entry that does not compete; an entry not run yet has ?? in every cell after its note."""
+    rows = []
+    for entry in selection.entries:
+        cells, width = SELECTION_CELLS[entry.script]
+        run = metrics.get(entry.name)
+        if selection.partner(entry) is not None:
+            mark = SEED_STUDY
+        elif not entry.candidate:
+            mark = NO_CANDIDATE
+        else:
+            mark = CHOSEN if entry is selection.chosen else "" if run is not None else PLACEHOLDER
+        measures = cells(run) if run is not None else [PLACEHOLDER] * width
+        rows.append([latex_escape(entry.note), *measures, mark])
+    return table(rows)
+
+
+# The generated table files, each a function of the loaded metrics (the selection tables, of
+# SELECTION_TABLES, are written beside them).
 TABLES = {"comparison_table.tex": comparison_rows, "comparison_samples.tex": comparison_sample_rows,
           "gan_progress.tex": gan_progress_rows, "vae_naive_mc.tex": naive_mc_rows,
           "ext_vae_table.tex": ext_vae_rows, "ext_nf_table.tex": ext_nf_rows}
 
 
-def write_all(results, out):
-    """Write every generated file into ``out``; returns the macro values."""
-    metrics = load_metrics(results)
-    values = macro_values(metrics)
+def write_all(results, out, declarations=experiments):
+    """Write every generated file into ``out`` from the runs in ``results`` and the selection
+    experiments of ``declarations`` (experiments.py, or a module like it: EXPERIMENTS and
+    expected_settings); returns the macro values."""
+    metrics = load_metrics(results, declarations)
+    chosen = selections(metrics, declarations)
+    values = macro_values(metrics, chosen)
     missing = sorted(name for name, text in values.items() if PLACEHOLDER in text or MISSING_TAG in text)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_if_changed(out / "numbers.tex", numbers_tex(values))
     for name, rows in TABLES.items():
         write_text_if_changed(out / name, rows(metrics))
+    for script, (name, _) in SELECTION_TABLES.items():
+        write_text_if_changed(out / name, selection_rows(metrics, chosen[script]))
     if missing:
         # With no results at all the list would only repeat the warnings above.
         names = f": {', '.join(missing)}" if len(missing) < len(values) else ""
         print(f"warning: {len(missing)} of {len(values)} numbers print as ??{names}", file=sys.stderr)
-    print(f"wrote {len(values)} macros and {len(TABLES)} tables into {out}")
+    print(f"wrote {len(values)} macros and {len(TABLES) + len(SELECTION_TABLES)} tables into {out}")
     return values
 
 

@@ -369,19 +369,42 @@ def ablation_cells(name, metrics, experiment, expected, score_cells, chosen=Fals
             _minutes(metrics["wall_time_s"], metrics["device"]), f"`{str(metrics['git_commit'])[:7]}`"]
 
 
-def _is_default(experiment, declarations):
-    """Whether an entry trains its script's DEFAULT settings at seed 42 (the canonical run)."""
+def is_default(experiment, declarations):
+    """Whether an entry trains its script's DEFAULT settings at seed 42 (the canonical run), apart
+    from the overrides that every candidate of its script makes alike (the flow's shortened runs,
+    epochs=10, compare learning rates, not lengths)."""
+    candidates = [entry for entry in declarations.EXPERIMENTS
+                  if entry.script == experiment.script and entry.candidate]
+    absent = object()
+    shared = {name for name, value in experiment.overrides.items()
+              if candidates and all(entry.overrides.get(name, absent) == value for entry in candidates)}
+
+    def compared(settings):
+        return {name: value for name, value in settings.items() if name not in shared}
+
     module = declarations.expected_settings(dataclasses.replace(experiment, overrides={}, base="default"))
-    return experiment.seed == 42 and declarations.expected_settings(experiment) == module
+    return experiment.seed == 42 and compared(declarations.expected_settings(experiment)) == compared(module)
+
+
+def candidate_scores(script, entries, runs):
+    """{name: score} of the candidates among ``entries`` (of ``script``) that have run and have a
+    score (SELECTIONS: lower is better); ``runs`` maps an entry's name to its metrics, None before it
+    has run."""
+    score = SELECTIONS[script][2]
+    scores = {entry.name: score(runs[entry.name]) for entry in entries
+              if entry.candidate and runs.get(entry.name) is not None}
+    return {name: value for name, value in scores.items() if value is not None}
+
+
+def lowest(scores):
+    """The name of the lowest of ``scores`` ({name: score}), None when there is none."""
+    return min(scores, key=scores.get) if scores else None
 
 
 def selection_section(script, entries, runs, declarations):
     """The markdown lines of one model's section: its table, and which candidate its score chooses."""
-    title, criterion, score, columns, _ = SELECTIONS[script]
-    scores = {entry.name: score(runs[entry.name]) for entry in entries
-              if entry.candidate and runs[entry.name] is not None}
-    scores = {name: value for name, value in scores.items() if value is not None}
-    chosen = min(scores, key=scores.get) if scores else None
+    title, criterion, _, columns, _ = SELECTIONS[script]
+    chosen = lowest(candidate_scores(script, entries, runs))
     rows = []
     for entry in entries:
         metrics = runs[entry.name]
@@ -392,11 +415,17 @@ def selection_section(script, entries, runs, declarations):
     if chosen is None:
         return [*lines, "No candidate has run yet.", ""]
     by_name = {entry.name: entry for entry in entries}
-    default = "the default" if _is_default(by_name[chosen], declarations) else \
+    default = "the default" if is_default(by_name[chosen], declarations) else \
         "**not** the default: the script's DEFAULT should take its settings"
     pending = [entry.name for entry in entries if entry.candidate and runs[entry.name] is None]
     note = f" ({len(pending)} candidate{'s' if len(pending) > 1 else ''} not run yet)" if pending else ""
     return [*lines, f"Chosen: `{chosen}`, {default}{note}.", ""]
+
+
+def entry_folder(results_dir, entry):
+    """The run folder of an entry of experiments.py under ``results_dir`` (its folder is given under
+    experiments.RESULTS_DIR)."""
+    return Path(results_dir) / entry.folder.relative_to(experiments.RESULTS_DIR)
 
 
 def write_ablation_table(results_dir, declarations=None):
@@ -408,7 +437,7 @@ def write_ablation_table(results_dir, declarations=None):
     results_dir = Path(results_dir)
     runs = {}
     for entry in declarations.EXPERIMENTS:
-        folder = results_dir / entry.folder.relative_to(experiments.RESULTS_DIR)
+        folder = entry_folder(results_dir, entry)
         runs[entry.name] = read_run(folder) if schema.exists(folder) else None
     lines = ["# Selection experiments, ablations and seed studies", "", ABLATION_INTRO, ""]
     for script in SELECTIONS:

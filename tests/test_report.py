@@ -101,14 +101,45 @@ def gan(settings=None, seed=42, milestones=None, **results):
     return record("a3_gan_template.py", settings, seed, milestones, **results)
 
 
-SMALL_BATCH = {"batch_size": 64, "lr": 0.0002, "lr_decay_start": 0.25}
 TEMPLATE_GAN = {"batch_size": 64, "lr": 0.0002, "r1_gamma": 0.0, "r1_interval": 1, "ema_decay": None,
                 "lr_decay_start": 1.0}
 
 
+# The held-out score of each run of experiments.py's selection that fake_results writes under
+# results/ablations/ (the template's GAN, with its progress, is written on its own): the VAE's
+# validation NLL, the GAN's FID against the selection reference at its last epoch, the flow's final
+# validation bits/dim. The canonical runs score 91.5 (VAE, the lowest: chosen), 5.5 (GAN, the lowest:
+# chosen) and 1.25 (the flow's full run, lowest but no candidate: the batch-128 run at 5e-4 is chosen).
+SELECTION_SCORES = {
+    "vae_template": 95.25, "vae_template_two_layers": 93.0, "vae_template_dynamic_binarization": 94.0,
+    "vae_template_kl_warmup": 94.5, "vae_template_cosine_decay": 94.75,
+    "gan_r1": 20.0, "gan_r1_gamma_1": 25.0, "gan_r1_ema": 12.0, "gan_r1_ema_decay": 8.0,
+    "gan_template_seed_1": 66.5, "gan_default_seed_1": 6.25,
+    "nf_lr_2.5e-4": 1.9, "nf_lr_5e-4": 1.8, "nf_lr_1e-3": 1.85, "nf_batch_128_lr_5e-4": 1.78,
+    "nf_batch_128_lr_1e-3": 1.82,
+}
+
+
+def selection_run(entry, score):
+    """The metrics.json of a selection run of ``entry`` with held-out ``score``; its test numbers are
+    worse than its score by a constant (the test column never decides)."""
+    if entry.script == "a3_vae_template.py":
+        validation = {"negative_elbo": score + 4, "nll_importance": score, "importance_samples": 500}
+        test = {"negative_elbo": score + 5, "nll_importance": score + 1, "importance_samples": 500}
+        return record(entry.script, {**VAE_SETTINGS, **entry.overrides}, entry.seed, validation=validation,
+                      test=test, evaluation=fake_evaluation(40.0))
+    if entry.script == "a3_gan_template.py":
+        base = TEMPLATE_GAN if entry.base == "template" else {}
+        return gan({**base, **entry.overrides}, entry.seed, evaluation=fake_evaluation(score + 1),
+                   progress=[{"epoch": 200, "reference": "selection", **fake_evaluation(score)}])
+    return record(entry.script, {**NF_SETTINGS, **entry.overrides}, entry.seed,
+                  curves={"val_bpd": [8.0, score]}, test={"bpd": score + 0.01})
+
+
 def fake_results(root):
     """results/ as the scripts and the evaluation package write it: the canonical runs' metrics.json,
-    the ablations under results/ablations/<name>/, the extension runs and reference.json."""
+    the selection runs of experiments.py under results/ablations/<name>/, the extension runs and
+    reference.json."""
     runs = {
         "vae": record(
             "a3_vae_template.py", VAE_SETTINGS, milestones={"halfway": 20, "kl_warmup_end": 6},
@@ -117,13 +148,15 @@ def fake_results(root):
             curves={"train_negative_elbo": [543.21, 100.0, 95.555],
                     "val_negative_elbo": [541.09, 101.0, 96.004], "wall_time_s": [0.0, 1.0, 2.0]},
             validation={"negative_elbo": 95.9876, "nll_importance": 91.5, "importance_samples": 500},
-            test={"negative_elbo": 96.1234, "nll_importance": 90.0, "importance_samples": 500},
+            test={"negative_elbo": 96.1234, "nll_importance": 90.0, "importance_samples": 5000},
             naive_mc={"images": 2, "repeats": 10, "unit": "log-likelihood, nats", "rows": [
                 {"samples": 10, "naive_mean": [-300.0, -200.0], "naive_std": [30.0, 10.0],
                  "importance_mean": [-95.0, -85.0], "importance_std": [0.5, 0.25]},
                 {"samples": 10000, "naive_mean": [-150.0, -130.0], "naive_std": [5.0, 3.0],
                  "importance_mean": [-94.0, -84.0], "importance_std": [0.1, 0.1]}]},
-            evaluation=fake_evaluation(30.0)),
+            evaluation=fake_evaluation(30.0),
+            evaluation_binary={**fake_evaluation(60.0), "precision": 0.5123, "recall": 0.2468,
+                               "score": 8.25}),
         "vae_z2": record(
             "a3_vae_template.py", {**VAE_SETTINGS, "epochs": 30, "z_dim": 2}, figures=vae_figures(15, 30),
             n_params=1000, curves={"val_negative_elbo": [540.0, 140.0]},
@@ -149,31 +182,13 @@ def fake_results(root):
         write_metrics(root / run, metrics)
     ablations = root / "ablations"
     write_metrics(ablations / "gan_template", gan(
-        TEMPLATE_GAN, milestones={"halfway": 100},
-        progress=[{"epoch": 100, **fake_evaluation(60.0)}, {"epoch": 200, **fake_evaluation(70.0)}],
-        evaluation={"epoch": 200, **fake_evaluation(70.0),
+        TEMPLATE_GAN, milestones={"halfway": 100}, curves={"loss_d": [1.1, 0.9]},
+        progress=[{"epoch": 100, "reference": "selection", **fake_evaluation(60.0)},
+                  {"epoch": 200, "reference": "selection", **fake_evaluation(70.0)}],
+        evaluation={"epoch": 200, **fake_evaluation(71.0),
                     "class_fractions": [0.1, 0.25, 0.02, 0.09, 0.08, 0.1, 0.1, 0.1, 0.06, 0.1]}))
-    write_metrics(ablations / "gan_no_r1", gan(
-        {"batch_size": 64, "lr": 0.0002, "r1_gamma": 0.0}, curves={"loss_d": [1.1, 0.9]},
-        progress=[{"epoch": 50, **fake_evaluation(40.0)}, {"epoch": 200, **fake_evaluation(90.0)}],
-        evaluation={"epoch": 200, **fake_evaluation(90.0),
-                    "class_fractions": [0.1, 0.2, 0.03, 0.09, 0.08, 0.1, 0.1, 0.1, 0.1, 0.1]}))
-    for name, fid, changes, seed in (
-            ("gan_seed_42", 8.951, {}, 42), ("gan_seed_1", 9.071, {}, 1), ("gan_seed_2", 9.921, {}, 2),
-            ("gan_batch_64", 7.689, SMALL_BATCH, 42), ("gan_batch_64_seed_1", 9.979, SMALL_BATCH, 1),
-            ("gan_fp32", 7.802, SMALL_BATCH, 42),
-            ("gan_batch_128_lr2e-4", 16.305, {"lr": 0.0002, "lr_decay_start": 0.25}, 42),
-            ("gan_batch_128_lr4e-4", 10.064, {"lr_decay_start": 0.25}, 42),
-            ("gan_batch_128_lr4e-4_ema-0.998", 10.143, {"lr_decay_start": 0.25, "ema_decay": 0.998}, 42),
-            ("gan_batch_128_lr4e-4_r1-0.6", 10.383, {"lr_decay_start": 0.25, "r1_gamma": 0.6}, 42)):
-        write_metrics(ablations / name, gan(changes, seed, evaluation=fake_evaluation(fid)))
-    write_metrics(ablations / "nf_batch_128", record(
-        "a3_nf_template.py", {**NF_SETTINGS, "batch_size": 128}, curves={"val_bpd": [8.0, 1.2512]},
-        test={"bpd": 1.2401}, wall_time_s=1800.0))
-    for letter, lr, bpd in (("a", 0.001, 1.857), ("b", 0.002, 1.883), ("c", 0.0005, 1.7186)):
-        write_metrics(ablations / f"nf_lr_sweep_{letter}", record(
-            "a3_nf_template.py", {**NF_SETTINGS, "batch_size": 128, "lr": lr},
-            curves={"val_bpd": [8.0, bpd]}))
+    for name, score in SELECTION_SCORES.items():
+        write_metrics(ablations / name, selection_run(experiments.BY_NAME[name], score))
     # The real images as evaluation.reference_rows writes them: means over the subsets, with the
     # standard deviation of every float beside it, and no memorisation check.
     real = {key: value for key, value in fake_evaluation(0.5, parzen=241.0).items() if key != "memorisation"}
@@ -242,6 +257,8 @@ def test_numbers_from_fake_results(generated):
         "every macro must have a value when every metrics.json is complete"
     assert numbers["VaeTestNegElbo"] == "96.12"
     assert numbers["VaeTestNll"] == "90.00"
+    # The test NLL at its own K, the validation's at the smaller K of the selection.
+    assert (numbers["VaeImportanceSamples"], numbers["VaeValImportanceSamples"]) == ("5{,}000", "500")
     assert numbers["VaeParams"] == "1{,}234{,}567"
     assert numbers["VaeTrainMinutes"] == "10.0"
     assert numbers["VaeImagesPerSecond"] == "5{,}000"
@@ -256,9 +273,8 @@ def test_numbers_from_fake_results(generated):
     assert numbers["VaeNaiveMaxSamples"] == "10{,}000"
     assert numbers["VaeZtwoZdim"] == "2"
     assert numbers["GanHalfwayEpoch"] == "100"
-    # The first epochs with a learning rate below the base one, as the runs recorded them.
-    assert (numbers["GanLrDecayEpoch"], numbers["GanNoRoneLrDecayEpoch"],
-            numbers["GanTrialLrDecayEpoch"]) == ("102", "102", "52")
+    # The first epoch with a learning rate below the base one, as the run recorded it.
+    assert numbers["GanLrDecayEpoch"] == "102"
     assert (numbers["GanLr"], numbers["GanRoneInterval"], numbers["GanRGamma"]) == ("0.0004", "8", "0.3")
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
@@ -273,34 +289,19 @@ def test_numbers_from_fake_results(generated):
     assert (numbers["GanParzenPeakEpoch"], numbers["GanParzenPeak"]) == ("100", "240.0")
     assert numbers["GanParzenPeakVsReal"] == "within the standard errors of"
     assert numbers["GanParzenVsReal"] == "below"
-    # Ablations, from results/ablations/<name>/.
+    # The template's training, the selection entry gan_template in results/ablations/gan_template/:
+    # its test FID (scored once at the end) and, from its progress, its best FID.
     assert (numbers["GanTemplateFid"], numbers["GanTemplateBatchSize"], numbers["GanTemplateLr"]) == \
-        ("70.00", "64", "0.0002")
+        ("71.00", "64", "0.0002")
     assert (numbers["GanTemplateBestFidEpoch"], numbers["GanTemplateBestFid"]) == ("100", "60.0")
     assert (numbers["GanTemplateFractionMin"], numbers["GanTemplateFractionMinDigit"],
             numbers["GanTemplateFractionMax"], numbers["GanTemplateFractionMaxDigit"]) == \
         ("2.0", "2", "25.0", "1")
-    assert (numbers["GanNoRoneBestFidEpoch"], numbers["GanNoRoneBestFid"], numbers["GanNoRoneFid"]) == \
-        ("50", "40.0", "90.00")
-    assert (numbers["GanNoRoneFractionMin"], numbers["GanNoRoneFractionMax"]) == ("3.0", "20.0")
-    assert numbers["GanNoRoneLossD"] == "0.900"
-    assert (numbers["GanSeedRuns"], numbers["GanSeedFidMin"], numbers["GanSeedFidMax"]) == \
-        ("3", "8.95", "9.92")
-    assert (numbers["GanSmallBatchSeedRuns"], numbers["GanSmallBatchSeedFidMin"],
-            numbers["GanSmallBatchSeedFidMax"]) == ("2", "7.69", "9.98")
-    assert (numbers["GanSmallBatchSize"], numbers["GanSmallBatchFid"]) == ("64", "7.69")
-    assert (numbers["GanTrialLowLr"], numbers["GanTrialLowLrFid"], numbers["GanTrialFid"]) == \
-        ("0.0002", "16.30", "10.06")
-    assert (numbers["GanTrialEma"], numbers["GanTrialEmaFid"], numbers["GanTrialRGamma"],
-            numbers["GanTrialRoneFid"]) == ("0.998", "10.14", "0.6", "10.38")
+    assert numbers["GanTemplateLossD"] == "0.900"
     assert numbers["NfTestBpd"] == "1.247"
-    assert (numbers["NfSmallBatchSize"], numbers["NfSmallBatchValBpd"], numbers["NfSmallBatchTestBpd"],
-            numbers["NfSmallBatchTrainMinutes"]) == ("128", "1.251", "1.240", "30.0")
     assert (numbers["NfClip"], numbers["NfWarmup"]) == ("100", "1")
-    assert numbers["NfSweepSettings"] == "0.0005, 0.001, 0.002"
-    assert (numbers["NfSweepRuns"], numbers["NfSweepBatchSize"], numbers["NfSweepBestLr"],
-            numbers["NfSweepBestValBpd"], numbers["NfSweepWorstValBpd"]) == \
-        ("3", "128", "0.0005", "1.719", "1.883")
+    # The template's batch and learning rate, from the flow's selection run that uses both.
+    assert (numbers["NfTemplateBatchSize"], numbers["NfTemplateLr"]) == ("128", "0.001")
     assert numbers["NfParzenLl"] == r"\ensuremath{-}123.5"
     assert numbers["ClassifierAccuracy"] == "99.00" and numbers["RealFid"] == "0.50"
     assert (numbers["RealImages"], numbers["RealParzenLl"], numbers["RealScore"]) == \
@@ -467,23 +468,182 @@ def test_a_metrics_json_of_another_schema_gives_placeholders_and_a_warning(tmp_p
     assert "nf/metrics.json" in err and "undeclared ['args', 'setting']" in err
 
 
-def test_ablations_are_read_from_the_new_layout_only(tmp_path):
-    """results/ablations/<name>/ is read; the old folders (results/gan_template/, results/gan/seed_1/,
-    results/nf/lr_sweep/...) are not."""
+def generated_files(folder):
+    """{name: text} of every file make_numbers wrote into ``folder``."""
+    return {path.name: path.read_text() for path in sorted(Path(folder).iterdir())}
+
+
+def test_only_the_declared_entries_are_read(tmp_path):
+    """Of results/ablations/, only the folders of experiments.py's entries are read: the retired
+    ablations (gan_no_r1, gan_seed_42, nf_lr_sweep_a, ...) and the old layout (results/gan_template/)
+    change no generated file."""
     results = fake_results(tmp_path / "results")
-    for name in ("gan_template", "gan_seed_1", "nf_lr_sweep_a"):
-        shutil.rmtree(results / "ablations" / name)
-    write_metrics(results / "gan_template", gan(TEMPLATE_GAN, evaluation=fake_evaluation(1.0)))
-    write_metrics(results / "gan" / "seed_1", gan(seed=1, evaluation=fake_evaluation(1.0)))
-    (results / "nf" / "lr_sweep").mkdir()
-    write_json(results / "nf" / "lr_sweep" / "run_a.json",
-               {"settings": {"lr": 0.1}, "curves": {"val_bpd": [0.5]}})
+    make_numbers.write_all(results, tmp_path / "before")
+    for name, changes, seed in (("gan_no_r1", {"r1_gamma": 0.0}, 42), ("gan_seed_42", {}, 42),
+                                ("gan_seed_1", {}, 1), ("gan_batch_64", TEMPLATE_GAN, 42)):
+        write_metrics(results / "ablations" / name, gan(
+            changes, seed, evaluation=fake_evaluation(0.123), curves={"loss_d": [0.5]},
+            progress=[{"epoch": 200, "reference": "selection", **fake_evaluation(0.123)}]))
+    for name in ("nf_batch_128", "nf_lr_sweep_a"):
+        write_metrics(results / "ablations" / name, record(
+            "a3_nf_template.py", {**NF_SETTINGS, "batch_size": 128}, curves={"val_bpd": [8.0, 0.123]}))
+    write_metrics(results / "gan_template", gan(TEMPLATE_GAN, evaluation=fake_evaluation(0.123)))
+    make_numbers.write_all(results, tmp_path / "after")
+    assert generated_files(tmp_path / "after") == generated_files(tmp_path / "before")
+    # And an entry's own folder is what its numbers come from.
+    shutil.rmtree(results / "ablations" / "gan_template")
     numbers = make_numbers.write_all(results, tmp_path / "generated")
-    assert numbers["GanTemplateFid"] == make_numbers.PLACEHOLDER
-    # The seed study counts the seeds that finished.
-    assert (numbers["GanSeedRuns"], numbers["GanSeedFidMin"], numbers["GanSeedFidMax"]) == \
-        ("2", "8.95", "9.92")
-    assert numbers["NfSweepRuns"] == "2" and "0.1" not in numbers["NfSweepSettings"]
+    assert numbers["GanTemplateFid"] == numbers["GanSelectionTemplateFid"] == make_numbers.PLACEHOLDER
+
+
+def test_the_entries_the_prose_cites_are_declared():
+    """The template's and the default's entries that make_numbers cites by name exist in
+    experiments.py, as what they stand for."""
+    for name in make_numbers.TEMPLATE_ENTRIES.values():
+        entry = experiments.BY_NAME[name]
+        assert entry.candidate and entry.seed == 42
+        assert entry.base == "template" or "batch_size" in entry.overrides  # the flow: the template's batch
+    for prefix, name in make_numbers.DEFAULT_ENTRIES.items():
+        entry = experiments.BY_NAME[name]
+        assert entry.candidate and entry.seed == 42 and entry.base == "default" and not entry.overrides
+        assert entry.folder == Path("results") / prefix.lower()
+    assert set(make_numbers.SELECTION_TABLES) == {entry.script for entry in experiments.EXPERIMENTS}
+
+
+def test_selection_numbers_and_tables_from_fake_results(generated):
+    """Each model's choice is its candidates' lowest held-out score: the canonical VAE and GAN (the
+    defaults), and for the flow the batch-128 run at 5e-4, not the default's full run (lower, but no
+    candidate)."""
+    numbers = parse_numbers(generated / "numbers.tex")
+    assert (numbers["VaeSelectionChosen"], numbers["VaeSelectionIsDefault"]) == \
+        ("all four: the default", "the default")
+    assert (numbers["VaeSelectionTemplateNll"], numbers["VaeSelectionDefaultNll"]) == ("95.25", "91.50")
+    assert (numbers["GanSelectionChosen"], numbers["GanSelectionIsDefault"]) == \
+        ("+ batch 128 at learning rate 4e-4: the default", "the default")
+    # Selection FIDs at the last epoch (the template's best, 60 at epoch 100, is not its score).
+    assert (numbers["GanSelectionTemplateFid"], numbers["GanSelectionDefaultFid"]) == ("70.00", "5.50")
+    # |5.5 - 6.25| over the default's seeds, |70 - 66.5| over the template's.
+    assert (numbers["GanSelectionSeedSpread"], numbers["GanSelectionTemplateSeedSpread"]) == ("0.75", "3.50")
+    assert (numbers["NfSelectionChosen"], numbers["NfSelectionIsDefault"]) == \
+        ("10 epochs, the template's batch, lr 5e-4", "not the default")
+    assert (numbers["NfSelectionBestLr"], numbers["NfSelectionBestBatchSize"],
+            numbers["NfSelectionBestValBpd"], numbers["NfSelectionEpochs"]) == \
+        ("0.0005", "128", "1.780", "10")
+
+    chosen = make_numbers.CHOSEN
+    vae = table_rows(generated / "select_vae.tex")
+    assert [row[0] for row in vae] == [entry.note for entry in experiments.EXPERIMENTS
+                                       if entry.script == "a3_vae_template.py"]
+    assert vae[0] == ["the course template's training", "99.25", "95.25", ""]
+    assert vae[-1] == ["all four: the default", "95.99", "91.50", chosen]
+    assert [row[-1] for row in vae].count(chosen) == 1
+    gan_rows = table_rows(generated / "select_gan.tex")
+    assert gan_rows[0] == ["the course template's training", "70.00", "0.765", "0.432", ""]
+    assert gan_rows[5] == ["+ batch 128 at learning rate 4e-4: the default", "5.50", "0.765", "0.432", chosen]
+    assert gan_rows[6:] == [["the template's training, seed 1", "66.50", "0.765", "0.432", "seed study"],
+                            ["the default, seed 1", "6.25", "0.765", "0.432", "seed study"]]
+    nf = table_rows(generated / "select_nf.tex")
+    assert nf[3] == ["10 epochs, the template's batch, lr 5e-4", "1.780", chosen]
+    assert nf[-1] == ["the default, in full", "1.250", "not a candidate"]
+    assert [row[-1] for row in nf].count(chosen) == 1
+
+
+def test_the_choice_is_the_lowest_held_out_score_never_the_test_column(tmp_path):
+    """Test numbers far below every other leave the choice alone; so does an earlier epoch's lower
+    FID. A lower held-out score moves it, and the words say whether the new choice is the default
+    (the flow's shortened runs at the default's batch and learning rate are the default)."""
+    results = fake_results(tmp_path / "results")
+    ablations = results / "ablations"
+
+    def change(name, update):
+        path = (results / name if "/" not in name and (results / name).is_dir() else ablations / name)
+        metrics = read_json(path / "metrics.json")
+        update(metrics)
+        write_json(path / "metrics.json", metrics)
+
+    change("vae_template_two_layers", lambda m: m["test"].update(nll_importance=10.0, negative_elbo=11.0))
+    change("gan_r1", lambda m: (m["evaluation"].update(fid=0.01),
+                                m["progress"].insert(0, {"epoch": 100, "reference": "selection",
+                                                         **fake_evaluation(0.02)})))
+    change("nf_lr_1e-3", lambda m: m["test"].update(bpd=0.5))
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert (numbers["VaeSelectionChosen"], numbers["GanSelectionChosen"], numbers["NfSelectionChosen"]) == \
+        ("all four: the default", "+ batch 128 at learning rate 4e-4: the default",
+         "10 epochs, the template's batch, lr 5e-4")
+
+    change("vae_template_two_layers", lambda m: m["validation"].update(nll_importance=91.25))
+    change("gan_r1_ema", lambda m: m["progress"][-1].update(fid=5.25))
+    change("nf_lr_5e-4", lambda m: m["curves"]["val_bpd"].append(1.7))
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert (numbers["VaeSelectionChosen"], numbers["VaeSelectionIsDefault"]) == \
+        ("+ a second hidden layer", "not the default")
+    assert (numbers["GanSelectionChosen"], numbers["GanSelectionIsDefault"]) == \
+        ("+ the weight average of G", "not the default")
+    assert (numbers["NfSelectionChosen"], numbers["NfSelectionIsDefault"]) == \
+        ("10 epochs, lr 5e-4 (the default's)", "the default")
+    assert (numbers["NfSelectionBestLr"], numbers["NfSelectionBestBatchSize"],
+            numbers["NfSelectionBestValBpd"]) == ("0.0005", "256", "1.700")
+    vae = table_rows(tmp_path / "generated" / "select_vae.tex")
+    assert [row[-1] for row in vae] == ["", make_numbers.CHOSEN, "", "", "", ""]
+    # results/ablations.md makes the same choice with the same words.
+    text = tables.write_ablation_table(results)
+    assert "Chosen: `nf_lr_5e-4`, the default." in text
+    assert "Chosen: `gan_r1_ema`, **not** the default" in text
+
+
+def test_seed_studies_do_not_compete(tmp_path):
+    """A seed study with the lowest score of all is not chosen: it is marked as a seed study."""
+    results = fake_results(tmp_path / "results")
+    path = results / "ablations" / "gan_default_seed_1" / "metrics.json"
+    seed_study = read_json(path)
+    seed_study["progress"][-1]["fid"] = 1.0
+    write_json(path, seed_study)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["GanSelectionChosen"] == "+ batch 128 at learning rate 4e-4: the default"
+    assert numbers["GanSelectionSeedSpread"] == "4.50"
+    rows = table_rows(tmp_path / "generated" / "select_gan.tex")
+    assert rows[-1] == ["the default, seed 1", "1.00", "0.765", "0.432", "seed study"]
+
+
+def test_a_selection_run_not_made_yet_gives_placeholders(tmp_path):
+    """A candidate not run yet: its row is ??, and no choice is made until every candidate has a score
+    (the other macros stay). A seed study not run yet: its row is ?? but says what it is, and only its
+    spread is missing."""
+    results = fake_results(tmp_path / "results")
+    shutil.rmtree(results / "ablations" / "vae_template_kl_warmup")
+    shutil.rmtree(results / "ablations" / "gan_template_seed_1")
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["VaeSelectionChosen"] == numbers["VaeSelectionIsDefault"] == make_numbers.PLACEHOLDER
+    assert (numbers["VaeSelectionTemplateNll"], numbers["VaeSelectionDefaultNll"]) == ("95.25", "91.50")
+    vae = table_rows(tmp_path / "generated" / "select_vae.tex")
+    assert vae[3] == ["+ KL warm-up over 5 epochs"] + [make_numbers.PLACEHOLDER] * 3
+    assert make_numbers.CHOSEN not in [row[-1] for row in vae]
+    assert numbers["GanSelectionTemplateSeedSpread"] == make_numbers.PLACEHOLDER
+    assert (numbers["GanSelectionSeedSpread"], numbers["GanSelectionIsDefault"]) == ("0.75", "the default")
+    gan_rows = table_rows(tmp_path / "generated" / "select_gan.tex")
+    assert gan_rows[6] == ["the template's training, seed 1", *[make_numbers.PLACEHOLDER] * 3, "seed study"]
+    # A GAN run of older code, without scores against the selection reference, is no score either.
+    template = read_json(results / "ablations" / "gan_template" / "metrics.json")
+    for row in template["progress"]:
+        del row["reference"]
+    write_json(results / "ablations" / "gan_template" / "metrics.json", template)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["GanSelectionTemplateFid"] == numbers["GanSelectionChosen"] == make_numbers.PLACEHOLDER
+    assert numbers["GanTemplateFid"] == "71.00"
+
+
+def test_the_binary_sample_measures_are_those_of_evaluation_binary(tmp_path):
+    results = fake_results(tmp_path / "results")
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert (numbers["VaeBinaryFid"], numbers["VaeBinaryPrecision"], numbers["VaeBinaryRecall"],
+            numbers["VaeBinaryScore"]) == ("60.00", "0.512", "0.247", "8.25")
+    assert (numbers["VaeFid"], numbers["VaePrecision"]) == ("30.00", "0.765")
+    vae = read_json(results / "vae" / "metrics.json")
+    del vae["evaluation_binary"]
+    write_json(results / "vae" / "metrics.json", vae)
+    numbers = make_numbers.write_all(results, tmp_path / "generated")
+    assert numbers["VaeBinaryFid"] == numbers["VaeBinaryRecall"] == make_numbers.PLACEHOLDER
+    assert numbers["VaeFid"] == "30.00"
 
 
 def test_newer_evaluation_json_wins(tmp_path):
@@ -548,7 +708,9 @@ def test_missing_results_give_placeholders_and_warnings(tmp_path, capsys):
     assert all(text == make_numbers.PLACEHOLDER for name, text in numbers.items() if name not in tags)
     assert all(numbers[tag] == make_numbers.MISSING_TAG for tag in tags)
     assert "warning" in capsys.readouterr().err
-    for table in make_numbers.TABLES:
+    selection_tables = [name for name, _ in make_numbers.SELECTION_TABLES.values()]
+    assert len(selection_tables) == 3
+    for table in [*make_numbers.TABLES, *selection_tables]:
         assert make_numbers.PLACEHOLDER in (tmp_path / "generated" / table).read_text()
 
 
@@ -564,14 +726,17 @@ def test_one_missing_key_and_broken_json(tmp_path, capsys):
     del vae["test"]["nll_importance"]
     write_json(results / "vae" / "metrics.json", vae)
     (results / "nf" / "metrics.json").write_text("{ not json")
-    (results / "ablations" / "gan_seed_2" / "metrics.json").write_text("{ not json")
+    (results / "ablations" / "gan_default_seed_1" / "metrics.json").write_text("{ not json")
     numbers = make_numbers.write_all(results, tmp_path / "generated")
     assert numbers["VaeTestNll"] == numbers["VaeElboGap"] == make_numbers.PLACEHOLDER
     assert numbers["VaeTestNegElbo"] == "96.12"
     assert numbers["NfTestBpd"] == make_numbers.PLACEHOLDER
-    assert numbers["GanSeedRuns"] == "2"
+    # The broken seed study has no spread; the other seed study and the choice are unaffected.
+    assert numbers["GanSelectionSeedSpread"] == make_numbers.PLACEHOLDER
+    assert (numbers["GanSelectionTemplateSeedSpread"], numbers["GanSelectionIsDefault"]) == \
+        ("3.50", "the default")
     err = capsys.readouterr().err
-    assert "not valid JSON" in err and "VaeTestNll" in err and "gan_seed_2" in err
+    assert "not valid JSON" in err and "VaeTestNll" in err and "gan_default_seed_1" in err
 
 
 @pytest.mark.parametrize("value, reference, spread, words", [
