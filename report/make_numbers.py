@@ -13,7 +13,7 @@ shows: metrics.json's, or a newer evaluation.json beside it); settings come from
 "settings", the epochs its figures show from its "milestones" and the figures' file names from its
 "figures". Writes into --out:
   numbers.tex           one \\newcommand per number, e.g. \\VaeTestNegElbo
-  comparison_table.tex  the rows of the model comparison table (question 4.1): size, cost, likelihood
+  comparison_table.tex  the rows of the model comparison table (question 4.1): size, epochs, likelihood
   comparison_samples.tex  its rows of sample measures, with the real images' mean and sd
   ext_vae_table.tex     the rows of the VAE extensions' table (flow posteriors)
   ext_nf_table.tex      the rows of the flow extensions' table (conv couplings, variational noise)
@@ -638,7 +638,8 @@ def sample_cells(evaluation):
 
 
 def comparison_rows(metrics):
-    """One row per canonical model: size, training cost and its own likelihood."""
+    """One row per canonical model: its size, its epochs and its own likelihood (training times, which
+    depend on the machine, are the README's)."""
     own_likelihood = {"vae": (("test", "nll_importance"), "f1", r"\,nats"),
                       "nf": (("test", "bpd"), "f3", r"\,bpd")}
     rows = []
@@ -649,13 +650,10 @@ def comparison_rows(metrics):
             likelihood += unit if likelihood != PLACEHOLDER else ""
         else:
             likelihood = "none"
-        minutes = lookup(metrics, run, "wall_time_s")
         rows.append([
             label,
             format_value(lookup(metrics, run, "n_params"), "int"),
             format_value(lookup(metrics, run, "epochs_completed"), "int"),
-            format_value(minutes / 60 if is_number(minutes) else None, "f1"),
-            format_value(lookup(metrics, run, "images_per_s"), "int"),
             likelihood,
         ])
     return table(rows)
@@ -678,9 +676,16 @@ def yardstick_cells(evaluation, suffix="", memorised=True):
 
 
 def comparison_sample_rows(metrics):
-    """The sample measures of each canonical model, then the real images of results/reference.json:
-    the mean over its random subsets and, in a row below, their standard deviation."""
-    rows = [[label, *yardstick_cells(lookup(metrics, run, "evaluation"))] for label, run in MODELS]
+    """The sample measures of each canonical model (the VAE's of its decoder means and, in a row below,
+    of the binary images drawn from them), then the real images of results/reference.json: the mean
+    over its random subsets and, in a row below, their standard deviation."""
+    rows = []
+    for label, run in MODELS:
+        rows.append([label, *yardstick_cells(lookup(metrics, run, "evaluation"))])
+        if run == "vae":
+            rows[-1][0] = "VAE, means"
+            rows.append([r"\quad binary samples", *yardstick_cells(lookup(metrics, run, "evaluation_binary"),
+                                                                   memorised=False)])
     real = lookup(metrics, "reference", "rows", 0)
     subsets = format_value(lookup(metrics, "reference", "rows", 0, "n_subsets"), "int")
     rows.append([rf"\midrule real images, mean of {subsets}", *yardstick_cells(real, memorised=False)])
