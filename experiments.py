@@ -7,8 +7,11 @@ one declared entry that ``make ablations`` runs (or resumes) into ``results/abla
 
 An entry names its script, the settings it starts from (the script's DEFAULT or its TEMPLATE), the
 ``--set`` overrides it makes and its seed, and changes only those: its command is the script's own,
-``python <script> --resume --out results/ablations/<name> --seed S [--template] --set k=v ...``.
-An entry whose run is a canonical one (the default, seed 42) names that folder as its ``out``.
+``python <script> --resume --out results/ablations/<name> --seed S [--template] --set k=v ...``, or
+for an extension module (extensions/vae_flows.py) ``python -m extensions.vae_flows ...``, as running
+its file would break its imports. An entry whose run is a canonical one (the default, seed 42, or a
+run of ``make extensions``) names that folder as its ``out``. Candidates compete within their script
+and their ``group`` (the VAE's flow length: planar against planar, IAF against IAF).
 
 Every setting of a DEFAULT is chosen here on held-out data that is not the test set (the test set
 scores each run once, at the end, and is not read when choosing):
@@ -22,6 +25,10 @@ scores each run once, at the end, and is not read when choosing):
   second seed of the template and of the default for the spread.
 - Flow: the learning rate at the default batch and at the template's, on shortened runs (10 epochs,
   the schedule compressed to them), chosen by the validation bits/dim; the default trains in full.
+- Beyond the assignment (``make extensions``): the VAE's flow length, planar K = 4 and 8, IAF K = 2
+  and 4 (80 epochs each; K = 8 and K = 4 are the runs of ``make extensions``), chosen per posterior by
+  the validation NLL; the learning rate of the convolutional and of the multi-scale flow (5e-4, 1e-3,
+  2e-3 on runs shortened to 4 epochs), chosen by the validation bits/dim.
 
 The ablation table (``python -m report.tables ablations``) shows these scores and compares each
 run's recorded settings with what its entry declares, so a run made by older code shows what else
@@ -42,22 +49,30 @@ ABLATIONS_DIR = RESULTS_DIR / "ablations"
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str
-    script: str          # the answer file that trains it
+    script: str          # the answer file, or extension module's file, that trains it
     note: str            # what it measures, in words
     overrides: dict = dataclasses.field(default_factory=dict)  # settings field -> value
     base: str = "default"  # "default" or "template": the settings the overrides apply to
     seed: int = 42
     out: str | None = None  # its run folder, if not results/ablations/<name> (a canonical run's)
     candidate: bool = True  # whether it competes in its model's selection (not a seed study or full run)
+    group: str = ""  # candidates compete only with those of their script and group
 
     @property
     def folder(self):
         return Path(self.out) if self.out else ABLATIONS_DIR / self.name
 
+    @property
+    def module(self):
+        """The script as a module: a3_vae_template, extensions.vae_flows."""
+        return Path(self.script).with_suffix("").as_posix().replace("/", ".")
+
     def command(self, python=sys.executable):
+        # A file inside a package (extensions/) runs as its module, so that its imports resolve.
+        script = [self.script] if Path(self.script).parent == Path(".") else ["-m", self.module]
         base = ["--template"] if self.base == "template" else []
         sets = [arg for name, value in self.overrides.items() for arg in ("--set", f"{name}={value}")]
-        return [python, self.script, "--resume", "--out", str(self.folder), "--seed", str(self.seed),
+        return [python, *script, "--resume", "--out", str(self.folder), "--seed", str(self.seed),
                 *base, *sets]
 
 
@@ -69,6 +84,12 @@ R1 = {"r1_gamma": 0.3, "r1_interval": 8}
 EMA = {"ema_decay": 0.999}
 DECAY = {"lr_decay_start": 0.5}
 NF_SHORT = {"epochs": 10}
+VAE_FLOWS = "extensions/vae_flows.py"
+NF_CONV, NF_MULTISCALE = "extensions/nf_couplings.py", "extensions/nf_multiscale.py"
+EXTENSION_NF_SHORT = {"epochs": 4}
+# Settings a candidate may change without their being chosen: the run's length (a shortened selection
+# run) and the test's K (measured once, at the end, and not read when choosing).
+NOT_CHOSEN = ("epochs", "test_importance_samples")
 EXPERIMENTS = (
     # The VAE: from the template's training, each of the default's four additions alone, all four but
     # one, and all four.
@@ -110,6 +131,23 @@ EXPERIMENTS = (
     Experiment("nf_batch_128_lr_1e-3", NF, "10 epochs, the template's batch and lr",
                {**NF_SHORT, "batch_size": 128, "lr": 1e-3}),
     Experiment("nf_default", NF, "the default, in full", out="results/nf", candidate=False),
+    # Beyond the assignment. The VAE's flow length, per posterior, at the extension's 80 epochs; the
+    # lengths that `make extensions` trains are its runs.
+    Experiment("vae_planar_k4", VAE_FLOWS, "planar flow, K = 4",
+               {"posterior": "planar", "flow_steps": 4, **VAE_SELECTION}, group="planar"),
+    Experiment("vae_planar_k8", VAE_FLOWS, "planar flow, K = 8 (make extensions' run)",
+               {"posterior": "planar", "flow_steps": 8}, out="results/extensions/vae_planar_k8",
+               group="planar"),
+    Experiment("vae_iaf_k2", VAE_FLOWS, "IAF, K = 2", {"posterior": "iaf", "flow_steps": 2, **VAE_SELECTION},
+               group="iaf"),
+    Experiment("vae_iaf_k4", VAE_FLOWS, "IAF, K = 4 (make extensions' run)",
+               {"posterior": "iaf", "flow_steps": 4}, out="results/extensions/vae_iaf_k4", group="iaf"),
+    # The learning rate of the convolutional and of the multi-scale flow, on runs shortened to 4 epochs.
+    *(Experiment(f"{name}_lr_{text}", script,
+                 f"4 epochs, lr {text}" + (" (the default's)" if lr == 1e-3 else ""),
+                 {**EXTENSION_NF_SHORT, "lr": lr})
+      for name, script in (("nf_conv", NF_CONV), ("nf_multiscale", NF_MULTISCALE))
+      for text, lr in (("5e-4", 5e-4), ("1e-3", 1e-3), ("2e-3", 2e-3))),
 )
 BY_NAME = {experiment.name: experiment for experiment in EXPERIMENTS}
 
@@ -117,7 +155,7 @@ BY_NAME = {experiment.name: experiment for experiment in EXPERIMENTS}
 def expected_settings(experiment):
     """The settings an entry trains with, as a dict: its script's DEFAULT or TEMPLATE with its
     overrides."""
-    module = importlib.import_module(Path(experiment.script).stem)
+    module = importlib.import_module(experiment.module)
     start = module.TEMPLATE if experiment.base == "template" else module.DEFAULT
     return dataclasses.asdict(dataclasses.replace(start, **experiment.overrides))
 

@@ -9,11 +9,13 @@
   results/precision_recall.{png,pdf}. Rows scored by different classifiers are refused: their numbers
   are on different yardsticks. A model's evaluation comes from its metrics.json or, when newer, from
   the evaluation.json that ``python -m evaluation --model M --checkpoint C`` wrote beside it.
-- ablations: results/ablations.md, one row per entry of experiments.py (and per run folder in
-  results/ablations/ that none declares), each compared with its model's default. "also differs" is
-  what the run recorded (settings, seed, script) against what its entry declares, so that a run made
-  by older code shows its confound.
-- extensions: results/extensions/{vae,nf}_extensions.{md,png,pdf} (``report.extension_tables``).
+- ablations: results/ablations.md, a section per script (the answer files, then the extension
+  modules), one row per entry of experiments.py (and per run folder in results/ablations/ that none
+  declares), each compared with its model's default; candidates compete within their entry's group.
+  "also differs" is what the run recorded (settings, seed, script) against what its entry declares,
+  so that a run made by older code shows its confound.
+- extensions: results/extensions/{vae,nf}_extensions.{md,png,pdf} and nf_samples.{png,pdf}
+  (``report.extension_tables``).
 
 Runs are read through ``harness.schema.read`` (an undeclared shape is an error, not a guess). Text files
 are rewritten only when their content changes and figures are deterministic, so regenerating unchanged
@@ -90,15 +92,21 @@ def read_run(run_dir):
 
 # ---------------------------------------------------------------- the comparison
 
-def extension_label(name, settings):
-    """``make extensions`` runs by what they change: the VAE's posterior and bound, the flow's coupling
-    network and dequantization."""
+def extension_label(name, settings, script=None, seed=42):
+    """``make extensions`` runs by what they change: the VAE's posterior, its bound and the bound's
+    gradient estimator; the flow's architecture (``script``, the module that made the run: the
+    multi-scale flow's settings have no coupling) and dequantization; and a seed other than 42."""
+    seed = "" if seed == 42 else f", seed {seed}"
     if name.startswith("vae"):
         posterior = settings["posterior"]
         steps = "" if posterior == "gaussian" else f" K={settings['flow_steps']}"
         bound = "" if settings["iw_samples"] == 1 else f", IW k={settings['iw_samples']}"
-        return f"VAE, {posterior}{steps}{bound}, {settings['epochs']} epochs (ext.)"
-    return f"RealNVP, {settings['coupling']} couplings, {settings['dequantization']} (ext.)"
+        if settings.get("iw_estimator", "iwae") == "dreg":  # runs before the estimator existed: IWAE's
+            bound += ", DReG"
+        return f"VAE, {posterior}{steps}{bound}, {settings['epochs']} epochs{seed} (ext.)"
+    architecture = "multi-scale" if script == "extensions/nf_multiscale.py" else \
+        f"{settings['coupling']} couplings"
+    return f"RealNVP, {architecture}, {settings['dequantization']}{seed} (ext.)"
 
 
 def model_rows_of(run_dir, extension=False):
@@ -118,7 +126,7 @@ def model_row(run_dir, extension=False):
     metrics = read_run(run_dir)
     evaluation, test, settings = metrics["evaluation"], metrics.get("test") or {}, metrics["settings"]
     if extension:
-        label = extension_label(run_dir.name, settings)
+        label = extension_label(run_dir.name, settings, metrics["script"], metrics["seed"])
     elif run_dir.name == "vae":
         label = f"VAE (z={settings['z_dim']})"
     else:
@@ -268,7 +276,9 @@ ABLATION_INTRO = (
     "template's settings or the default's), its `--set` overrides and its seed; \"also differs\" is "
     "where the settings the run recorded differ from those, as for runs made by older code. Each model's "
     "candidates are compared by a score on held-out data that is not the test set, and the lowest is "
-    "chosen; seed studies and full-length runs do not compete. The test column is measured once, at the "
+    "chosen, within the group a sentence below its table names where a section has several (the flow "
+    "posteriors' lengths: planar against planar, IAF against IAF); seed studies and full-length runs do "
+    "not compete. The test column is measured once, at the "
     "end of each run, and is not read when choosing. Training times compare only between runs on the "
     "same machine.")
 
@@ -352,6 +362,16 @@ SELECTIONS = {
                            ("selection FID", "precision", "recall", "test FID"), _gan_cells),
     "a3_nf_template.py": ("RealNVP flow", "the validation bits/dim", _nf_score,
                           ("validation bits/dim", "test bits/dim"), _nf_cells),
+    # Beyond the assignment (make extensions), each module a section of its own.
+    "extensions/vae_flows.py": ("VAE with a flow posterior (extensions.vae_flows), the flow length",
+                                "the validation NLL, each posterior's K against its own", _vae_score,
+                                ("validation −ELBO", "validation NLL", "test NLL"), _vae_cells),
+    "extensions/nf_couplings.py": ("RealNVP, convolutional couplings (extensions.nf_couplings), the learning "
+                                   "rate", "the validation bits/dim", _nf_score,
+                                   ("validation bits/dim", "test bits/dim"), _nf_cells),
+    "extensions/nf_multiscale.py": ("RealNVP, multi-scale (extensions.nf_multiscale), the learning rate",
+                                    "the validation bits/dim", _nf_score,
+                                    ("validation bits/dim", "test bits/dim"), _nf_cells),
 }
 ABLATION_COLUMNS = ("run", "what it measures", "declared: from its base, it sets", "also differs in the run")
 TRAILING_COLUMNS = ("chosen", "train time", "commit")
@@ -370,20 +390,13 @@ def ablation_cells(name, metrics, experiment, expected, score_cells, chosen=Fals
 
 
 def is_default(experiment, declarations):
-    """Whether an entry trains its script's DEFAULT settings at seed 42 (the canonical run), apart
-    from the overrides that every candidate of its script makes alike (the flow's shortened runs,
-    epochs=10, compare learning rates, not lengths)."""
-    candidates = [entry for entry in declarations.EXPERIMENTS
-                  if entry.script == experiment.script and entry.candidate]
-    absent = object()
-    shared = {name for name, value in experiment.overrides.items()
-              if candidates and all(entry.overrides.get(name, absent) == value for entry in candidates)}
-
-    def compared(settings):
-        return {name: value for name, value in settings.items() if name not in shared}
-
-    module = declarations.expected_settings(dataclasses.replace(experiment, overrides={}, base="default"))
-    return experiment.seed == 42 and compared(declarations.expected_settings(experiment)) == compared(module)
+    """Whether an entry trains its script's DEFAULT settings at seed 42, apart from the settings a
+    candidate changes without choosing them (``NOT_CHOSEN``: a shortened run, the test's K)."""
+    not_chosen = getattr(declarations, "NOT_CHOSEN", experiments.NOT_CHOSEN)
+    default = declarations.expected_settings(dataclasses.replace(experiment, overrides={}, base="default"))
+    settings = declarations.expected_settings(experiment)
+    compared = (settings.keys() | default.keys()) - set(not_chosen)
+    return experiment.seed == 42 and all(settings.get(name) == default.get(name) for name in compared)
 
 
 def candidate_scores(script, entries, runs):
@@ -401,25 +414,68 @@ def lowest(scores):
     return min(scores, key=scores.get) if scores else None
 
 
+def _verdict(chosen, members, declarations):
+    """Whether the ``chosen`` candidate of a group (``members``) has the settings its script trains in
+    full: those of the group's canonical run (its entry with an ``out``, seed 42) or, without one, the
+    script's DEFAULT, apart from the settings a candidate changes without choosing them
+    (``NOT_CHOSEN``: a shortened run, the test's K)."""
+    not_chosen = getattr(declarations, "NOT_CHOSEN", experiments.NOT_CHOSEN)
+    default = declarations.expected_settings(dataclasses.replace(chosen, overrides={}, base="default"))
+    canonical = next((entry for entry in members if entry.out and entry.seed == 42), None)
+    reference = default if canonical is None else declarations.expected_settings(canonical)
+    settings = declarations.expected_settings(chosen)
+    same = chosen.seed == 42 and all(settings.get(name) == reference.get(name)
+                                     for name in settings.keys() | reference.keys() if name not in not_chosen)
+    if reference == default:
+        if not is_default(chosen, declarations):
+            return "**not** the default: the script's DEFAULT should take its settings"
+        shorter = settings.get("epochs") != reference.get("epochs")
+        return "the default" + (f", on a run shortened to {settings['epochs']} epochs" if shorter else "")
+    if not same:
+        return f"**not** the settings of `{canonical.folder}`: that run should take its settings"
+    return f"the settings of `{canonical.folder}`"
+
+
+def _groups(entries):
+    """{group: its entries}, in the order of their first entry."""
+    groups = {}
+    for entry in entries:
+        groups.setdefault(entry.group, []).append(entry)
+    return groups
+
+
+def _choice(script, group, members, runs, declarations):
+    """(the chosen candidate of a group or None, the sentence that says so)."""
+    scores = candidate_scores(script, members, runs)
+    named = f" ({group})" if group else ""
+    if not scores:
+        return None, f"No candidate{named} has run yet."
+    chosen = lowest(scores)
+    by_name = {entry.name: entry for entry in members}
+    pending = [entry.name for entry in members if entry.candidate and runs[entry.name] is None]
+    note = f" ({len(pending)} candidate{'s' if len(pending) > 1 else ''} not run yet)" if pending else ""
+    return chosen, f"Chosen{named}: `{chosen}`, {_verdict(by_name[chosen], members, declarations)}{note}."
+
+
 def selection_section(script, entries, runs, declarations):
-    """The markdown lines of one model's section: its table, and which candidate its score chooses."""
-    title, criterion, _, columns, _ = SELECTIONS[script]
-    chosen = lowest(candidate_scores(script, entries, runs))
+    """The markdown lines of one script's section: its table, and which candidate its score chooses
+    in each group of entries (candidates compete only within their group)."""
+    title, _, _, columns, _ = SELECTIONS[script]
+    groups = {group: members for group, members in _groups(entries).items()
+              if any(entry.candidate for entry in members)}
+    choices = {group: _choice(script, group, members, runs, declarations)
+               for group, members in groups.items()}
+    chosen = {name for name, _ in choices.values() if name is not None}
     rows = []
     for entry in entries:
         metrics = runs[entry.name]
         expected = declarations.expected_settings(entry) if metrics is not None else None
-        rows.append(ablation_cells(entry.name, metrics, entry, expected, len(columns), entry.name == chosen))
-    lines = [f"## {title}: chosen by {criterion}", "",
+        rows.append(ablation_cells(entry.name, metrics, entry, expected, len(columns), entry.name in chosen))
+    lines = [f"## {title}: chosen by {SELECTIONS[script][1]}", "",
              *markdown_table((*ABLATION_COLUMNS, *columns, *TRAILING_COLUMNS), rows), ""]
-    if chosen is None:
-        return [*lines, "No candidate has run yet.", ""]
-    by_name = {entry.name: entry for entry in entries}
-    default = "the default" if is_default(by_name[chosen], declarations) else \
-        "**not** the default: the script's DEFAULT should take its settings"
-    pending = [entry.name for entry in entries if entry.candidate and runs[entry.name] is None]
-    note = f" ({len(pending)} candidate{'s' if len(pending) > 1 else ''} not run yet)" if pending else ""
-    return [*lines, f"Chosen: `{chosen}`, {default}{note}.", ""]
+    for _, sentence in choices.values():
+        lines += [sentence, ""]
+    return lines
 
 
 def entry_folder(results_dir, entry):

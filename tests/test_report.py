@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import pytest
 
 import evaluation
@@ -203,35 +204,72 @@ def fake_results(root):
     return root
 
 
-def vae_extension(posterior="gaussian", flow_steps=8, iw_samples=1, negative_elbo=92.0, nll=88.0):
+def vae_extension(posterior="gaussian", flow_steps=8, iw_samples=1, negative_elbo=92.0, nll=88.0,
+                  estimator="iwae", seed=42, minutes=20.0):
     settings = {**VAE_SETTINGS, "epochs": 80, "importance_samples": 1000, "posterior": posterior,
-                "flow_steps": flow_steps, "iw_samples": iw_samples}
-    return record("extensions/vae_flows.py", settings, figures=vae_figures(40, 80), wall_time_s=1200.0,
-                  data={"binarized_mnist": "reproduction"},
+                "flow_steps": flow_steps, "iw_samples": iw_samples, "iw_estimator": estimator}
+    return record("extensions/vae_flows.py", settings, seed, figures=vae_figures(40, 80),
+                  wall_time_s=60 * minutes, data={"binarized_mnist": "reproduction"},
                   test={"negative_elbo": negative_elbo, "nll_importance": nll, "importance_samples": 1000},
                   validation={"negative_elbo": negative_elbo + 1, "nll_importance": nll + 1,
                               "importance_samples": 1000})
 
 
-def nf_extension(dequantization, bpd, bpd_iw, val_bpd):
-    settings = {**NF_SETTINGS, "epochs": 12, "batch_size": 128, "lr": 0.001, "warmup_epochs": 0.25,
-                "coupling": "conv", "dequantization": dequantization, "channels": 32, "blocks": 2}
-    return record("extensions/nf_couplings.py", settings, n_params=30000, epochs_completed=3,
-                  wall_time_s=900.0, curves={"val_bpd": val_bpd, "wall_time_s": [300.0, 600.0, 900.0]},
+# extensions.vae_flows' DEFAULT, and the conv and multi-scale flows', as their runs record them.
+VAE_FLOWS_SETTINGS = {**VAE_SETTINGS, "epochs": 80, "test_importance_samples": 5000, "posterior": "iaf",
+                      "flow_steps": 4, "iw_samples": 1, "iw_estimator": "iwae"}
+
+
+NF_CONV_SETTINGS = {**NF_SETTINGS, "epochs": 12, "batch_size": 128, "lr": 0.001, "warmup_epochs": 0.25,
+                    "coupling": "conv", "dequantization": "uniform", "channels": 32, "blocks": 2}
+NF_MULTISCALE_SETTINGS = {**NF_SETTINGS, "epochs": 12, "batch_size": 128, "lr": 0.001, "warmup_epochs": 0.25,
+                          "dequantization": "uniform", "n_scales": 3, "couplings": 3, "final_couplings": 4,
+                          "channels": 64, "blocks": 1}
+
+
+def nf_extension(dequantization, bpd, bpd_iw, val_bpd, script="extensions/nf_couplings.py", n_params=30000):
+    settings = {**(NF_CONV_SETTINGS if script == "extensions/nf_couplings.py" else NF_MULTISCALE_SETTINGS),
+                "dequantization": dequantization}
+    return record(script, settings, n_params=n_params, epochs_completed=3,
+                  figures={"samples_end": "samples_end"}, wall_time_s=900.0,
+                  curves={"val_bpd": val_bpd, "wall_time_s": [300.0, 600.0, 900.0]},
                   test={"bpd": bpd, "bpd_importance_weighted": bpd_iw, "noise_samples": 8},
-                  evaluation={"fid": 900.0 if dequantization == "uniform" else 800.0})
+                  evaluation={"fid": 900.0 if dequantization == "uniform" else 800.0, "precision": 0.5,
+                              "recall": 0.25})
+
+
+def write_samples_png(folder, shade):
+    """A run's samples_end.png, as its script draws it: a grey image of ``shade``."""
+    plt.imsave(folder / "samples_end.png", [[shade, 1 - shade], [1 - shade, shade]], cmap="gray", vmin=0,
+               vmax=1)
 
 
 def fake_extensions(folder):
-    """results/extensions/ as `make extensions` writes it: the VAE with flow posteriors
-    (NLLs at K = 1000), the flow with conv couplings and uniform or variational dequantization."""
+    """results/extensions/ as `make extensions` writes it: the VAE with flow posteriors and with the
+    importance-weighted bound (NLLs at K = 1000), a second seed of the Gaussian; the flow with conv
+    couplings and with the multi-scale architecture, uniform or variational dequantization (all but
+    the variational multi-scale run with its samples_end.png)."""
     write_metrics(folder / "vae_gaussian", vae_extension(negative_elbo=93.0, nll=89.0))
+    write_metrics(folder / "vae_gaussian_seed_1", vae_extension(negative_elbo=93.4, nll=89.5, seed=1,
+                                                                 minutes=21.0))
     write_metrics(folder / "vae_planar_k8", vae_extension("planar", 8, negative_elbo=92.5, nll=89.0))
     write_metrics(folder / "vae_iaf_k4", vae_extension("iaf", 4, negative_elbo=90.5, nll=88.25))
+    write_metrics(folder / "vae_iw5", vae_extension(iw_samples=5, negative_elbo=94.0, nll=88.5, minutes=30.0))
+    write_metrics(folder / "vae_iw5_dreg", vae_extension(iw_samples=5, negative_elbo=93.5, nll=88.0,
+                                                          estimator="dreg", minutes=31.0))
+    write_metrics(folder / "vae_iw20", vae_extension(iw_samples=20, negative_elbo=95.0, nll=87.75,
+                                                      minutes=60.0))
     # The MLP flow of fake_results ends at validation 1.25: the conv flow is below it from epoch 2 on.
     write_metrics(folder / "nf_conv", nf_extension("uniform", 1.2049, 1.1801, [1.4, 1.24, 1.21]))
     write_metrics(folder / "nf_conv_variational",
                   nf_extension("variational", 1.2051, 1.1702, [1.35, 1.22, 1.2]))
+    multiscale = "extensions/nf_multiscale.py"
+    write_metrics(folder / "nf_multiscale", nf_extension("uniform", 1.1501, 1.1402, [1.3, 1.2, 1.16],
+                                                         multiscale, 1319948))
+    write_metrics(folder / "nf_multiscale_variational",
+                  nf_extension("variational", 1.1, 1.09, [1.25, 1.15, 1.11], multiscale, 1330396))
+    for shade, name in enumerate(("nf_conv", "nf_conv_variational", "nf_multiscale")):
+        write_samples_png(folder / name, shade / 4)
 
 
 @pytest.fixture
@@ -509,7 +547,9 @@ def test_the_entries_the_prose_cites_are_declared():
         entry = experiments.BY_NAME[name]
         assert entry.candidate and entry.seed == 42 and entry.base == "default" and not entry.overrides
         assert entry.folder == Path("results") / prefix.lower()
-    assert set(make_numbers.SELECTION_TABLES) == {entry.script for entry in experiments.EXPERIMENTS}
+    answers = {entry.script for entry in experiments.EXPERIMENTS
+               if not entry.script.startswith("extensions/")}
+    assert set(make_numbers.SELECTION_TABLES) == answers == {experiments.VAE, experiments.GAN, experiments.NF}
 
 
 def test_selection_numbers_and_tables_from_fake_results(generated):
@@ -589,7 +629,7 @@ def test_the_choice_is_the_lowest_held_out_score_never_the_test_column(tmp_path)
     assert [row[-1] for row in vae] == ["", make_numbers.CHOSEN] + [""] * 8
     # results/ablations.md makes the same choice with the same words.
     text = tables.write_ablation_table(results)
-    assert "Chosen: `nf_lr_5e-4`, the default." in text
+    assert "Chosen: `nf_lr_5e-4`, the default, on a run shortened to 10 epochs." in text
     assert "Chosen: `gan_r1_ema`, **not** the default" in text
 
 
@@ -885,11 +925,21 @@ def test_extension_runs_follow_the_assignments_labelled_by_their_recorded_settin
               settings={**extension, "posterior": "gaussian", "flow_steps": 8, "iw_samples": 5})
     table_run(results, "extensions/nf_conv", {"bpd": 1.39},
               settings={"coupling": "conv", "dequantization": "uniform"})
+    # The multi-scale flow has no coupling setting: its script tells it apart. DReG and a second seed
+    # are named.
+    write_metrics(results / "extensions" / "nf_multiscale_variational", record(
+        "extensions/nf_multiscale.py", NF_MULTISCALE_SETTINGS | {"dequantization": "variational"},
+        test={"bpd": 1.2}, evaluation=table_evaluation(2.0)))
+    write_metrics(results / "extensions" / "vae_iw5_dreg_seed_1", record(
+        "extensions/vae_flows.py", {**VAE_FLOWS_SETTINGS, "posterior": "gaussian", "iw_samples": 5,
+                                    "iw_estimator": "dreg"}, seed=1, test={"negative_elbo": 92.0},
+        evaluation=table_evaluation(2.0)))
     rows = tables.write_table(results, {"rows": []})
     assert [row["label"] for row in rows] == [
-        "VAE (z=20)", "RealNVP, conv couplings, uniform (ext.)", "VAE, gaussian, IW k=5, 80 epochs (ext.)",
-        "VAE, iaf K=4, 80 epochs (ext.)"]
-    assert rows[1]["bpd"] == 1.39 and rows[3]["negative_elbo"] == 90.0
+        "VAE (z=20)", "RealNVP, conv couplings, uniform (ext.)", "RealNVP, multi-scale, variational (ext.)",
+        "VAE, gaussian, IW k=5, 80 epochs (ext.)", "VAE, iaf K=4, 80 epochs (ext.)",
+        "VAE, gaussian, IW k=5, DReG, 80 epochs, seed 1 (ext.)"]
+    assert rows[1]["bpd"] == 1.39 and rows[2]["bpd"] == 1.2 and rows[4]["negative_elbo"] == 90.0
 
 
 def fake_experiments(*entries):
@@ -969,6 +1019,65 @@ def test_ablation_table_compares_each_run_with_what_its_entry_declares(tmp_path)
                           "| `gan_old` | a3_gan_template.py | 10.0 min | `0123456` |"]
 
 
+def test_extension_sections_choose_within_each_group(tmp_path):
+    """Each extension module has its own section. The VAE's flow length competes per posterior: planar
+    K against planar K, IAF against IAF, however much lower the IAF's NLL; a choice is checked against
+    the group's run of `make extensions` (its folder named), or the DEFAULT, apart from the test's K
+    and a shortened run's epochs."""
+    vae_flows, conv = "extensions/vae_flows.py", "extensions/nf_couplings.py"
+    defaults = {vae_flows: VAE_FLOWS_SETTINGS, conv: NF_CONV_SETTINGS}
+    selection = {"test_importance_samples": 500}
+    declared = SimpleNamespace(
+        EXPERIMENTS=(
+            Experiment("vae_planar_k4", vae_flows, "planar K=4", {"posterior": "planar", "flow_steps": 4,
+                                                                 **selection}, group="planar"),
+            Experiment("vae_planar_k8", vae_flows, "planar K=8", {"posterior": "planar", "flow_steps": 8},
+                       out="results/extensions/vae_planar_k8", group="planar"),
+            Experiment("vae_iaf_k2", vae_flows, "IAF K=2", {"posterior": "iaf", "flow_steps": 2, **selection},
+                       group="iaf"),
+            Experiment("vae_iaf_k4", vae_flows, "IAF K=4", {"posterior": "iaf", "flow_steps": 4},
+                       out="results/extensions/vae_iaf_k4", group="iaf"),
+            *(Experiment(f"nf_conv_lr_{lr:g}", conv, f"lr {lr:g}", {"epochs": 4, "lr": lr})
+              for lr in (5e-4, 1e-3, 2e-3))),
+        expected_settings=lambda entry: {**defaults[entry.script], **entry.overrides},
+        NOT_CHOSEN=experiments.NOT_CHOSEN)
+    results = tmp_path / "results"
+    by_name = {entry.name: entry for entry in declared.EXPERIMENTS}
+    for name, nll in (("vae_planar_k4", 88.0), ("vae_planar_k8", 88.5), ("vae_iaf_k2", 87.5),
+                      ("vae_iaf_k4", 87.0)):
+        entry = by_name[name]
+        k = entry.overrides.get("test_importance_samples", 5000)
+        write_metrics(results / entry.folder.relative_to("results"), record(
+            vae_flows, declared.expected_settings(entry),
+            validation={"negative_elbo": nll + 3, "nll_importance": nll, "importance_samples": 500},
+            test={"negative_elbo": nll + 2, "nll_importance": nll - 0.5, "importance_samples": k}))
+    for lr, bpd in ((5e-4, 1.30), (1e-3, 1.25)):
+        entry = by_name[f"nf_conv_lr_{lr:g}"]
+        write_metrics(results / entry.folder.relative_to("results"), record(
+            conv, declared.expected_settings(entry), curves={"val_bpd": [1.5, bpd]},
+            test={"bpd": bpd - 0.01}))
+
+    lines = tables.write_ablation_table(results, declared).splitlines()
+
+    vae = lines.index("## VAE with a flow posterior (extensions.vae_flows), the flow length: chosen by the "
+                      "validation NLL, each posterior's K against its own")
+    assert lines[vae + 4] == ("| `vae_planar_k4` | planar K=4 | posterior=planar, flow_steps=4, "
+                              "test_importance_samples=500, seed=42 |  | 91.00 | 88.00 (K=500) | "
+                              "87.50 (K=500) | **chosen** | 10.0 min | `0123456` |")
+    verdicts = [markdown_cells(line)[-3] for line in lines[vae + 4:vae + 8]]
+    assert verdicts == ["**chosen**", "", "", "**chosen**"]  # the IAF's 87.0 does not beat planar's 88.0
+    assert lines[vae + 9:vae + 12] == [
+        "Chosen (planar): `vae_planar_k4`, **not** the settings of `results/extensions/vae_planar_k8`: "
+        "that run should take its settings.", "",
+        "Chosen (iaf): `vae_iaf_k4`, the default."]
+    flow = lines.index("## RealNVP, convolutional couplings (extensions.nf_couplings), the learning rate: "
+                       "chosen by the validation bits/dim")
+    assert [markdown_cells(line)[-3] for line in lines[flow + 4:flow + 7]] == ["", "**chosen**", "n/a"]
+    assert lines[flow + 8] == ("Chosen: `nf_conv_lr_0.001`, the default, on a run shortened to 4 epochs "
+                               "(1 candidate not run yet).")
+    assert not any("multi-scale" in line for line in lines)  # no entry of that module
+
+
 def test_ablation_table_names_the_template_base_and_another_script():
     entry = Experiment("gan_template", "a3_gan_template.py", "the template's training", base="template")
     assert tables.declared(entry) == "the template's settings, seed=42"
@@ -992,9 +1101,13 @@ def test_the_table_command_writes_every_table_and_regenerating_rewrites_no_file(
     for experiment in experiments.EXPERIMENTS:
         (line,) = [line for line in ablations if line.startswith(f"| `{experiment.name}` |")]
         assert ("| not run yet |" in line) == (experiment.out is None)  # the canonical runs are there
+    # A section per script, the extension modules' included.
+    for title, *_ in tables.SELECTIONS.values():
+        assert sum(line.startswith(f"## {title}: chosen by ") for line in ablations) == 1, title
     written = ["comparison.md", "comparison.json", "precision_recall.png", "precision_recall.pdf",
                "ablations.md", *(f"extensions/{model}_extensions.{kind}" for model in ("vae", "nf")
-                                 for kind in ("md", "png", "pdf"))]
+                                 for kind in ("md", "png", "pdf")),
+               "extensions/nf_samples.png", "extensions/nf_samples.pdf"]
     before = {name: ((results / name).read_bytes(), (results / name).stat().st_mtime_ns) for name in written}
     tables.main(["--results", str(results), "--device", "cpu"])
     after = {name: ((results / name).read_bytes(), (results / name).stat().st_mtime_ns) for name in written}
@@ -1002,7 +1115,7 @@ def test_the_table_command_writes_every_table_and_regenerating_rewrites_no_file(
         assert after[name][0] == before[name][0], f"{name} changed"
         if name.endswith((".md", ".json")):
             assert after[name][1] == before[name][1], f"{name} was rewritten"
-    assert "3 VAE and 3 flow runs" in capsys.readouterr().out
+    assert "7 VAE and 5 flow runs" in capsys.readouterr().out
 
 
 def test_the_table_command_refuses_an_unknown_table(capsys):
@@ -1015,22 +1128,123 @@ def test_extension_tables_from_the_runs_recorded_settings(tmp_path):
     results = fake_results(tmp_path / "results")
     extension_tables.write_all(results / "extensions", results / "nf", required=True)
     vae = (results / "extensions" / "vae_extensions.md").read_text().splitlines()
-    # The Gaussian first, then the flows by posterior: K, k, epochs, minutes, -ELBO, NLL, gap, K_IS, data.
-    assert vae[2:5] == [
-        "| vae_gaussian | gaussian | – | 1 | 80 | 20.0 | 93.00 | 89.00 | 4.00 | 1000 | reproduction |",
-        "| vae_iaf_k4 | iaf | 4 | 1 | 80 | 20.0 | 90.50 | 88.25 | 2.25 | 1000 | reproduction |",
-        "| vae_planar_k8 | planar | 8 | 1 | 80 | 20.0 | 92.50 | 89.00 | 3.50 | 1000 | reproduction |"]
+    # The Gaussian first, by k and estimator (IWAE's, then DReG's), then the flows by posterior: K, k,
+    # estimator, seeds, epochs, minutes, -ELBO, NLL, gap, K_IS, data. The runs that differ only in
+    # their seed share a row, with each seed's values, seed 42 first.
+    assert [markdown_cells(line) for line in vae[2:8]] == [
+        ["vae_gaussian, vae_gaussian_seed_1", "gaussian", "–", "1", "–", "42, 1", "80", "20.0 / 21.0",
+         "93.00 / 93.40", "89.00 / 89.50", "4.00 / 3.90", "1000", "reproduction"],
+        ["vae_iw5", "gaussian", "–", "5", "iwae", "42", "80", "30.0", "94.00", "88.50", "5.50", "1000",
+         "reproduction"],
+        ["vae_iw5_dreg", "gaussian", "–", "5", "dreg", "42", "80", "31.0", "93.50", "88.00", "5.50", "1000",
+         "reproduction"],
+        ["vae_iw20", "gaussian", "–", "20", "iwae", "42", "80", "60.0", "95.00", "87.75", "7.25", "1000",
+         "reproduction"],
+        ["vae_iaf_k4", "iaf", "4", "1", "–", "42", "80", "20.0", "90.50", "88.25", "2.25", "1000",
+         "reproduction"],
+        ["vae_planar_k8", "planar", "8", "1", "–", "42", "80", "20.0", "92.50", "89.00", "3.50", "1000",
+         "reproduction"]]
+    assert vae[8] == ""
+    # The flow lengths are chosen on validation, and the note says among what (experiments.py's entries).
+    assert "chosen on validation, by the validation NLL" in vae[9]
+    assert vae[9].endswith("for planar, flow_steps 4 or 8; for iaf, flow_steps 2 or 4.")
     nf = (results / "extensions" / "nf_extensions.md").read_text().splitlines()
-    # The answer's MLP run first, then the extension runs by their recorded coupling and dequantization.
-    assert nf[2:5] == [
-        "| nf | mlp | uniform | 3,000,000 | 40 | 10.0 | 1.2468 | 1.2299 | 8 |",
-        "| nf_conv | conv | uniform | 30,000 | 3 | 15.0 | 1.2049 | 1.1801 | 8 |",
-        "| nf_conv_variational | conv | variational | 30,000 | 3 | 15.0 | 1.2051 | 1.1702 | 8 |"]
-    for stem in ("vae_extensions", "nf_extensions"):
+    # The answer's MLP run first, then the extension runs, by their recorded script (the architecture)
+    # and dequantization; the samples' FID, precision and recall.
+    assert [markdown_cells(line) for line in nf[2:7]] == [
+        ["nf", "MLP couplings", "uniform", "3,000,000", "40", "10.0", "1.2468", "1.2299", "8", "50.00",
+         "0.765", "0.432"],
+        ["nf_conv", "conv couplings", "uniform", "30,000", "3", "15.0", "1.2049", "1.1801", "8", "900.00",
+         "0.500", "0.250"],
+        ["nf_conv_variational", "conv couplings", "variational", "30,000", "3", "15.0", "1.2051", "1.1702",
+         "8", "800.00", "0.500", "0.250"],
+        ["nf_multiscale", "multi-scale", "uniform", "1,319,948", "3", "15.0", "1.1501", "1.1402", "8",
+         "900.00", "0.500", "0.250"],
+        ["nf_multiscale_variational", "multi-scale", "variational", "1,330,396", "3", "15.0", "1.1000",
+         "1.0900", "8", "800.00", "0.500", "0.250"]]
+    assert nf[8].endswith("for nf_couplings, lr 0.0005, 0.001 or 0.002 on runs of 4 epochs; for "
+                          "nf_multiscale, lr 0.0005, 0.001 or 0.002 on runs of 4 epochs.")
+    for stem in ("vae_extensions", "nf_extensions", "nf_samples"):
         assert all((results / "extensions" / f"{stem}.{kind}").exists() for kind in ("png", "pdf"))
-    lines = extension_tables.series(extension_tables.load_rows(results / "extensions"))
-    # Every flow line starts at the Gaussian posterior, K = 0.
-    assert [K for K, _ in lines[("planar", 1)]] == [0, 8] and [K for K, _ in lines[("iaf", 1)]] == [0, 4]
+    groups = extension_tables.seed_groups(extension_tables.load_rows(results / "extensions"))
+    lines = extension_tables.series(groups)
+    # Every flow line starts at the Gaussian posterior of its k and estimator, K = 0.
+    assert [K for K, _ in lines[("planar", 1, "iwae")]] == [0, 8] and \
+        [K for K, _ in lines[("iaf", 1, "iwae")]] == [0, 4]
+    assert [K for K, _ in lines[("gaussian", 5, "dreg")]] == [0]
+
+
+def markdown_cells(line):
+    """The cells of one row of a Markdown table."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def captured_figures(monkeypatch):
+    """{stem name: figure} of every figure report.extension_tables saves, kept open for the test."""
+    figures = {}
+    monkeypatch.setattr(extension_tables, "save_figure",
+                        lambda fig, stem: figures.update({Path(stem).name: fig}))
+    return figures
+
+
+def drawn(ax):
+    """{label: (x, y, y error or None)} of the error-bar series of a panel."""
+    series = {}
+    for container in ax.containers:
+        line, _, bars = container.lines
+        spread = None
+        if bars:
+            segments = bars[0].get_segments()
+            spread = [round(float(top[1] - bottom[1]) / 2, 6) for bottom, top in segments]
+        values = [round(float(y), 6) for y in line.get_ydata()]
+        series[container.get_label()] = (list(line.get_xdata()), values, spread)
+    return series
+
+
+def test_the_vae_figure_has_a_k_axis_with_the_flows_as_references(tmp_path, monkeypatch):
+    """Test NLL and gap against k: the Gaussian posterior with IWAE's gradient at k = 1, 5, 20 (k = 1
+    the mean of its two seeds, a bar over their range), with DReG's at k = 5, and each flow posterior
+    (trained on the ELBO) at k = 1; the flow-length panel draws no Gaussian IW point."""
+    results = fake_results(tmp_path / "results")
+    figures = captured_figures(monkeypatch)
+    extension_tables.write_all(results / "extensions", results / "nf")
+    by_steps, nll_by_k, gap_by_k = figures["vae_extensions"].axes
+    assert drawn(nll_by_k) == {
+        "Gaussian, IWAE": ([1, 5, 20], [89.25, 88.5, 87.75], [0.25, 0.0, 0.0]),
+        "Gaussian, DReG": ([5], [88.0], None),
+        "iaf K=4, k = 1": ([1], [88.25], None), "planar K=8, k = 1": ([1], [89.0], None)}
+    assert drawn(gap_by_k) == {
+        "Gaussian, IWAE": ([1, 5, 20], [3.95, 5.5, 7.25], [0.05, 0.0, 0.0]),
+        "Gaussian, DReG": ([5], [5.5], None),
+        "iaf K=4, k = 1": ([1], [2.25], None), "planar K=8, k = 1": ([1], [3.5], None)}
+    assert [label.get_text() for label in nll_by_k.get_xticklabels()] == ["1", "5", "20"]
+    steps = drawn(by_steps)
+    assert steps["planar"][:2] == ([0, 8], [89.25, 89.0]) and steps["iaf"][:2] == ([0, 4], [89.25, 88.25])
+    assert not any("IW" in label for label in steps)
+
+
+def test_the_flow_figures_draw_every_run_and_its_samples(tmp_path, monkeypatch):
+    """The curves figure has a line per flow run, the multi-scale ones included; the samples figure one
+    panel per run with a samples_end.png, titled by its architecture and dequantization: the answer's
+    run (no PNG in the fake) and the variational multi-scale run (its PNG missing) are left out."""
+    results = fake_results(tmp_path / "results")
+    figures = captured_figures(monkeypatch)
+    extension_tables.write_all(results / "extensions", results / "nf")
+    labels = [line.get_label() for line in figures["nf_extensions"].axes[0].lines
+              if not line.get_label().startswith("_")]
+    assert labels == ["MLP couplings, uniform (3M)", "conv couplings, uniform (0.03M)",
+                      "conv couplings, variational (0.03M)", "multi-scale, uniform (1.3M)",
+                      "multi-scale, variational (1.3M)", "test, at the end"]
+    panels = figures["nf_samples"].axes
+    assert [ax.get_title() for ax in panels] == ["conv couplings,\nuniform", "conv couplings,\nvariational",
+                                                 "multi-scale,\nuniform"]
+    # Each panel shows its own run's PNG (the fakes differ in shade).
+    assert [round(float(ax.get_images()[0].get_array()[0, 0, 0]), 2) for ax in panels] == [0.0, 0.25, 0.5]
+    rows = extension_tables.load_flow_rows(results / "extensions", results / "nf")
+    for row in rows:
+        row["samples"] = None
+    assert extension_tables.save_samples_figure(rows, tmp_path / "none") == []  # no PNG: no figure
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_extension_runs_of_different_importance_samples_do_not_compare(tmp_path):
