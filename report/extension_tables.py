@@ -234,7 +234,7 @@ def save_plot(rows, stem):
     by_steps.plot([], [], color="gray", linestyle="--", label="−ELBO")
     by_steps.set_xlabel("flow steps K (0: Gaussian)")
     by_steps.set_ylabel(f"test nats (NLL: K_IS = {rows[0]['importance_samples']})")
-    by_steps.legend(fontsize=6)
+    by_steps.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below: off the points
     ks = set()
     for ax, measure, name in ((nll_by_k, "nll", "test NLL (nats)"),
                               (gap_by_k, "gap", "gap −ELBO − NLL (nats)")):
@@ -255,7 +255,7 @@ def save_plot(rows, stem):
         ax.minorticks_off()
         ax.set_xlabel("k, samples of the training bound")
         ax.set_ylabel(name)
-    nll_by_k.legend(fontsize=6)
+    nll_by_k.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     for ax in (by_steps, nll_by_k, gap_by_k):
         ax.grid(alpha=0.3)
     save_figure(fig, stem)
