@@ -152,6 +152,7 @@ def fake_results(root):
                     "val_negative_elbo": [541.09, 101.0, 96.004], "wall_time_s": [0.0, 1.0, 2.0]},
             validation={"negative_elbo": 95.9876, "nll_importance": 91.5, "importance_samples": 500},
             test={"negative_elbo": 96.1234, "nll_importance": 90.0, "importance_samples": 5000},
+            data={"binarized_mnist": "reproduction", "binarization_seed": 1234, "dynamic_binarization": True},
             naive_mc={"images": 2, "repeats": 10, "unit": "log-likelihood, nats", "rows": [
                 {"samples": 10, "naive_mean": [-300.0, -200.0], "naive_std": [30.0, 10.0],
                  "importance_mean": [-95.0, -85.0], "importance_std": [0.5, 0.25]},
@@ -305,6 +306,8 @@ def test_numbers_from_fake_results(generated):
     assert numbers["VaeInitValNegElbo"] == "541.1"
     # The new runs' "validation" entry wins over the last point of the curve.
     assert (numbers["VaeValNegElbo"], numbers["VaeValNll"]) == ("95.99", "91.50")
+    assert numbers["VaeCurveValNegElbo"] == "96.00"  # where the plotted curve ends, which the text quotes
+    assert numbers["VaeData"].startswith("our reproduction of the standard binarized MNIST")
     assert numbers["VaeLr"] == "0.001"
     assert (numbers["VaeHalfwayEpoch"], numbers["VaeHalfwayTag"], numbers["VaeFinalTag"]) == \
         ("20", "020", "040")
