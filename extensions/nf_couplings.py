@@ -41,10 +41,8 @@ class Settings(nf.Settings):
     def __post_init__(self):
         super().__post_init__()
         harness.settings.positive(self, "channels", "blocks")
-        for name, choices in (("coupling", COUPLINGS), ("dequantization", DEQUANTIZATIONS)):
-            if getattr(self, name) not in choices:
-                raise harness.settings.SettingsError(f"--set {name}={getattr(self, name)}: {name} is one "
-                                                     f"of {', '.join(choices)}")
+        harness.settings.one_of(self, "coupling", COUPLINGS)
+        harness.settings.one_of(self, "dequantization", DEQUANTIZATIONS)
 
 
 DEFAULT = Settings()
@@ -117,13 +115,18 @@ class VariationalDequantization(nn.Module):
         return z + u, ldj - log_q
 
 
+def dequantization_layer(name):
+    """The dequantization layer a setting names (one of DEQUANTIZATIONS): the answer's uniform noise
+    or Flow++'s learned one."""
+    return {"uniform": nf.UniformDequantization, "variational": VariationalDequantization}[name]
+
+
 def build_model(settings):
     """The answer's Model with the coupling network and dequantization of ``settings``."""
     net = functools.partial(ConvNet, channels=settings.channels, blocks=settings.blocks)
     return nf.Model([nf.N_PIXELS], settings.n_flows, settings.n_hidden,
                     net=net if settings.coupling == "conv" else None,
-                    dequantization={"uniform": nf.UniformDequantization,
-                                    "variational": VariationalDequantization}[settings.dequantization])
+                    dequantization=dequantization_layer(settings.dequantization))
 
 
 def load_sampler(checkpoint_path, device="cpu"):

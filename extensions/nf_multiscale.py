@@ -30,9 +30,8 @@ import torch.nn.functional as F
 
 import a3_nf_template as nf
 import harness
-from extensions.nf_couplings import VariationalDequantization
+from extensions.nf_couplings import DEQUANTIZATIONS, dequantization_layer
 
-DEQUANTIZATIONS = ("uniform", "variational")
 IMAGE_SHAPE = (1, 28, 28)
 MAX_SCALES = 3  # 28 -> 14 -> 7: a third squeeze would need an even grid
 
@@ -61,9 +60,7 @@ class Settings(nf.Settings):
     def __post_init__(self):
         super().__post_init__()
         harness.settings.positive(self, "n_scales", "couplings", "final_couplings", "channels", "blocks")
-        if self.dequantization not in DEQUANTIZATIONS:
-            raise harness.settings.SettingsError(f"--set dequantization={self.dequantization}: "
-                                                 f"dequantization is one of {', '.join(DEQUANTIZATIONS)}")
+        harness.settings.one_of(self, "dequantization", DEQUANTIZATIONS)
         if self.n_scales > MAX_SCALES:
             raise harness.settings.SettingsError(f"--set n_scales={self.n_scales}: n_scales is at most "
                                                  f"{MAX_SCALES} (28x28 halves to 14x14 and 7x7, then is odd)")
@@ -242,9 +239,7 @@ def build_model(settings):
     """The answer's Model with the multi-scale flow and the dequantization of ``settings``."""
     flow = MultiScaleFlow(settings.n_scales, settings.couplings, settings.final_couplings, settings.channels,
                           settings.blocks)
-    return nf.Model([nf.N_PIXELS], flow=flow,
-                    dequantization={"uniform": nf.UniformDequantization,
-                                    "variational": VariationalDequantization}[settings.dequantization])
+    return nf.Model([nf.N_PIXELS], flow=flow, dequantization=dequantization_layer(settings.dequantization))
 
 
 def load_sampler(checkpoint_path, device="cpu"):

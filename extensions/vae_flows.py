@@ -47,10 +47,8 @@ class Settings(vae.Settings):
     def __post_init__(self):
         super().__post_init__()
         harness.settings.positive(self, "flow_steps", "iw_samples", "iaf_hidden_dim")
-        for name, choices in (("posterior", POSTERIORS), ("iw_estimator", IW_ESTIMATORS)):
-            if getattr(self, name) not in choices:
-                raise harness.settings.SettingsError(f"--set {name}={getattr(self, name)}: {name} is one of "
-                                                     f"{', '.join(choices)}")
+        harness.settings.one_of(self, "posterior", POSTERIORS)
+        harness.settings.one_of(self, "iw_estimator", IW_ESTIMATORS)
         if self.iw_estimator == "dreg" and self.posterior != "gaussian":
             raise harness.settings.SettingsError(
                 f"--set iw_estimator=dreg: DReG needs posterior=gaussian, not {self.posterior}: the density "

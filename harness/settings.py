@@ -99,6 +99,13 @@ def describe(settings):
     return " ".join(f"{name}={value}" for name, value in as_dict(settings).items())
 
 
+def one_of(settings, name, choices):
+    """Raise SettingsError unless the field ``name`` holds one of ``choices``."""
+    value = getattr(settings, name)
+    if value not in choices:
+        raise SettingsError(f"--set {name}={value}: {name} is one of {', '.join(choices)}")
+
+
 def positive(settings, *names):
     """Raise SettingsError unless every named field is > 0."""
     for name in names:

@@ -692,3 +692,13 @@ def test_a_redrawn_figure_is_the_same_file(tmp_path):
     for suffix in (".png", ".pdf"):
         assert (tmp_path / "first").with_suffix(suffix).read_bytes() == \
             (tmp_path / "second").with_suffix(suffix).read_bytes()
+
+
+def test_one_of_names_the_field_and_its_choices():
+    @dataclasses.dataclass(frozen=True)
+    class Choice:
+        kind: str = "a"
+
+    settings.one_of(Choice(), "kind", ("a", "b"))
+    with pytest.raises(settings.SettingsError, match=r"^--set kind=c: kind is one of a, b$"):
+        settings.one_of(Choice("c"), "kind", ("a", "b"))
