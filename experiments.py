@@ -1,9 +1,13 @@
-"""The selection experiments, ablations and seed studies that the README and the report cite, each
-one declared entry that ``make ablations`` runs (or resumes) into ``results/ablations/<name>/``.
+"""The selection experiments, ablations and seed studies that the README and the report cite, and the
+runs beyond the assignment, each one declared entry that ``make ablations`` (suite "ablations") or
+``make extensions`` (suite "extensions") runs (or resumes), into ``results/ablations/<name>/`` or
+the folder the entry names.
 
-    python experiments.py                 # every entry, one after the other (resumable)
-    python experiments.py gan_r1 ...      # only these
-    python experiments.py --list          # the entries and the command each runs
+    python experiments.py                      # the ablations suite, one run after the other (resumable)
+    python experiments.py --suite extensions   # the runs beyond the assignment
+    python experiments.py gan_r1 ...           # only these
+    python experiments.py --list               # the entries and the command each runs
+    python experiments.py --suite extensions --from_weights  # redraw their figures from weights.pt
 
 An entry names its script, the settings it starts from (the script's DEFAULT or its TEMPLATE), the
 ``--set`` overrides it makes and its seed, and changes only those: its command is the script's own,
@@ -26,9 +30,11 @@ scores each run once, at the end, and is not read when choosing):
 - Flow: the learning rate at the default batch and at the template's, on shortened runs (10 epochs,
   the schedule compressed to them), chosen by the validation bits/dim; the default trains in full.
 - Beyond the assignment (``make extensions``): the VAE's flow length, planar K = 4 and 8, IAF K = 2
-  and 4 (80 epochs each; K = 8 and K = 4 are the runs of ``make extensions``), chosen per posterior by
-  the validation NLL; the learning rate of the convolutional and of the multi-scale flow (5e-4, 1e-3,
-  2e-3 on runs shortened to 4 epochs), chosen by the validation bits/dim.
+  and 4 (80 epochs each; K = 8 and K = 4 are the extension's own runs), chosen per posterior by the
+  validation NLL; the learning rate of the convolutional and of the multi-scale flow (5e-4, 1e-3,
+  2e-3 on runs shortened to 4 epochs), chosen by the validation bits/dim. Then the extension's runs
+  in ``results/extensions/``: the Gaussian posterior, the importance-weighted bound at k = 5 (IWAE's
+  and DReG's gradient) and k = 20, a second seed of four of them, and the four flows.
 
 The ablation table (``python -m report.tables ablations``) shows these scores and compares each
 run's recorded settings with what its entry declares, so a run made by older code shows what else
@@ -57,6 +63,7 @@ class Experiment:
     out: str | None = None  # its run folder, if not results/ablations/<name> (a canonical run's)
     candidate: bool = True  # whether it competes in its model's selection (not a seed study or full run)
     group: str = ""  # candidates compete only with those of their script and group
+    suite: str = "ablations"  # the make target that trains it: "ablations" or "extensions"
 
     @property
     def folder(self):
@@ -67,12 +74,13 @@ class Experiment:
         """The script as a module: a3_vae_template, extensions.vae_flows."""
         return Path(self.script).with_suffix("").as_posix().replace("/", ".")
 
-    def command(self, python=sys.executable):
+    def command(self, python=sys.executable, action="--resume"):
+        """The script's command line that trains (``--resume``) or redraws (``--from_weights``) it."""
         # A file inside a package (extensions/) runs as its module, so that its imports resolve.
         script = [self.script] if Path(self.script).parent == Path(".") else ["-m", self.module]
         base = ["--template"] if self.base == "template" else []
         sets = [arg for name, value in self.overrides.items() for arg in ("--set", f"{name}={value}")]
-        return [python, *script, "--resume", "--out", str(self.folder), "--seed", str(self.seed),
+        return [python, *script, action, "--out", str(self.folder), "--seed", str(self.seed),
                 *base, *sets]
 
 
@@ -85,6 +93,9 @@ EMA = {"ema_decay": 0.999}
 DECAY = {"lr_decay_start": 0.5}
 NF_SHORT = {"epochs": 10}
 VAE_FLOWS = "extensions/vae_flows.py"
+EXTENSIONS_DIR = RESULTS_DIR / "extensions"
+GAUSSIAN, PLANAR, IAF = ({"posterior": name} for name in ("gaussian", "planar", "iaf"))
+IW5 = {**GAUSSIAN, "iw_samples": 5}
 NF_CONV, NF_MULTISCALE = "extensions/nf_couplings.py", "extensions/nf_multiscale.py"
 EXTENSION_NF_SHORT = {"epochs": 4}
 # Settings a candidate may change without their being chosen: the run's length (a shortened selection
@@ -132,23 +143,43 @@ EXPERIMENTS = (
                {**NF_SHORT, "batch_size": 128, "lr": 1e-3}),
     Experiment("nf_default", NF, "the default, in full", out="results/nf", candidate=False),
     # Beyond the assignment. The VAE's flow length, per posterior, at the extension's 80 epochs; the
-    # lengths that `make extensions` trains are its runs.
+    # chosen lengths are the extension's runs.
     Experiment("vae_planar_k4", VAE_FLOWS, "planar flow, K = 4",
-               {"posterior": "planar", "flow_steps": 4, **VAE_SELECTION}, group="planar"),
-    Experiment("vae_planar_k8", VAE_FLOWS, "planar flow, K = 8 (make extensions' run)",
-               {"posterior": "planar", "flow_steps": 8}, out="results/extensions/vae_planar_k8",
-               group="planar"),
-    Experiment("vae_iaf_k2", VAE_FLOWS, "IAF, K = 2", {"posterior": "iaf", "flow_steps": 2, **VAE_SELECTION},
-               group="iaf"),
-    Experiment("vae_iaf_k4", VAE_FLOWS, "IAF, K = 4 (make extensions' run)",
-               {"posterior": "iaf", "flow_steps": 4}, out="results/extensions/vae_iaf_k4", group="iaf"),
-    # The learning rate of the convolutional and of the multi-scale flow, on runs shortened to 4 epochs.
+               {**PLANAR, "flow_steps": 4, **VAE_SELECTION}, group="planar", suite="extensions"),
+    Experiment("vae_planar_k8", VAE_FLOWS, "planar flow, K = 8", {**PLANAR, "flow_steps": 8},
+               out=f"{EXTENSIONS_DIR}/vae_planar_k8", group="planar", suite="extensions"),
+    Experiment("vae_iaf_k2", VAE_FLOWS, "IAF, K = 2", {**IAF, "flow_steps": 2, **VAE_SELECTION},
+               group="iaf", suite="extensions"),
+    Experiment("vae_iaf_k4", VAE_FLOWS, "IAF, K = 4", {**IAF, "flow_steps": 4},
+               out=f"{EXTENSIONS_DIR}/vae_iaf_k4", group="iaf", suite="extensions"),
+    # The extension's other VAE runs: the Gaussian posterior, the importance-weighted bound (IWAE's and
+    # DReG's gradient), and a second seed of four of them.
+    *(Experiment(name, VAE_FLOWS, note, overrides, out=f"{EXTENSIONS_DIR}/{name}", candidate=False,
+                 suite="extensions")
+      for name, note, overrides in (
+          ("vae_gaussian", "the Gaussian posterior", GAUSSIAN),
+          ("vae_iw5", "the importance-weighted bound, k = 5", IW5),
+          ("vae_iw5_dreg", "k = 5 with DReG's gradient", {**IW5, "iw_estimator": "dreg"}),
+          ("vae_iw20", "the importance-weighted bound, k = 20", {**GAUSSIAN, "iw_samples": 20}))),
+    *(Experiment(f"{name}_seed_1", VAE_FLOWS, f"{name}, seed 1", overrides, seed=1,
+                 out=f"{EXTENSIONS_DIR}/{name}_seed_1", candidate=False, suite="extensions")
+      for name, overrides in (("vae_gaussian", GAUSSIAN), ("vae_iaf_k4", {**IAF, "flow_steps": 4}),
+                              ("vae_planar_k8", {**PLANAR, "flow_steps": 8}), ("vae_iw5", IW5))),
+    # The learning rate of the convolutional and of the multi-scale flow, on runs shortened to 4 epochs;
+    # then each flow in full, with uniform and with variational dequantization.
     *(Experiment(f"{name}_lr_{text}", script,
                  f"4 epochs, lr {text}" + (" (the default's)" if lr == 1e-3 else ""),
-                 {**EXTENSION_NF_SHORT, "lr": lr})
+                 {**EXTENSION_NF_SHORT, "lr": lr}, suite="extensions")
       for name, script in (("nf_conv", NF_CONV), ("nf_multiscale", NF_MULTISCALE))
       for text, lr in (("5e-4", 5e-4), ("1e-3", 1e-3), ("2e-3", 2e-3))),
+    *(Experiment(f"{name}{suffix}", script, f"{note}, {dequantization} dequantization",
+                 {"dequantization": "variational"} if suffix else {},
+                 out=f"{EXTENSIONS_DIR}/{name}{suffix}", candidate=False, suite="extensions")
+      for name, script, note in (("nf_conv", NF_CONV, "convolutional couplings"),
+                                 ("nf_multiscale", NF_MULTISCALE, "the multi-scale flow"))
+      for suffix, dequantization in (("", "uniform"), ("_variational", "variational"))),
 )
+SUITES = ("ablations", "extensions")
 BY_NAME = {experiment.name: experiment for experiment in EXPERIMENTS}
 
 
@@ -162,20 +193,34 @@ def expected_settings(experiment):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help="entries to run (default: all)")
-    parser.add_argument("--list", action="store_true", help="print the entries and their commands")
+    parser.add_argument("names", nargs="*", help="entries to run (default: all of the suite)")
+    parser.add_argument("--suite", choices=SUITES, default="ablations",
+                        help="without names, the entries of this suite (default ablations)")
+    parser.add_argument("--list", action="store_true", help="print the entries (of both suites) and their "
+                        "commands")
+    parser.add_argument("--from_weights", action="store_true",
+                        help="redraw the figures and measures of the runs that have a weights.pt, "
+                             "training nothing")
     args = parser.parse_args(argv)
     unknown = [name for name in args.names if name not in BY_NAME]
     if unknown:
         parser.error(f"no experiment {', '.join(unknown)} (see --list)")
-    chosen = [BY_NAME[name] for name in args.names] or list(EXPERIMENTS)
+    chosen = [BY_NAME[name] for name in args.names] or \
+        [experiment for experiment in EXPERIMENTS if args.list or experiment.suite == args.suite]
+    action = "--from_weights" if args.from_weights else "--resume"
+    without_weights = []
     for experiment in chosen:
-        command = experiment.command()
+        command = experiment.command(action=action)
         if args.list:
-            print(f"{experiment.name}: {experiment.note}\n    {' '.join(command[1:])}")
+            print(f"{experiment.name} ({experiment.suite}): {experiment.note}\n    {' '.join(command[1:])}")
+            continue
+        if args.from_weights and not (experiment.folder / "weights.pt").exists():
+            without_weights.append(experiment.name)
             continue
         print(f"== {experiment.name}: {experiment.note}", flush=True)
         subprocess.run(command, check=True)
+    if without_weights:
+        print(f"not redrawn, no weights.pt: {', '.join(without_weights)}")
 
 
 if __name__ == "__main__":

@@ -497,7 +497,9 @@ def write_ablation_table(results_dir, declarations=None):
         runs[entry.name] = read_run(folder) if schema.exists(folder) else None
     lines = ["# Selection experiments, ablations and seed studies", "", ABLATION_INTRO, ""]
     for script in SELECTIONS:
-        entries = [entry for entry in declarations.EXPERIMENTS if entry.script == script]
+        # The extension's own runs that choose nothing have their tables in results/extensions/.
+        entries = [entry for entry in declarations.EXPERIMENTS if entry.script == script and
+                   (entry.candidate or entry.suite == "ablations")]
         if entries:
             lines += selection_section(script, entries, runs, declarations)
     declared_names = {entry.name for entry in declarations.EXPERIMENTS}

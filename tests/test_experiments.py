@@ -3,7 +3,6 @@ names, and runs as the script's own command (an extension module's with ``python
 
 import dataclasses
 import importlib
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -61,41 +60,44 @@ def test_an_extension_module_runs_as_a_module_and_its_settings_are_the_modules()
         experiments.expected_settings(multiscale)["batch_size"] == 128
 
 
-def makefile_runs():
-    """{run folder: (module, its --set values, its seed)} of the Makefile's lines
-    $(call train,-m <module>,<folder>,<flags>), its variables expanded."""
-    text = (REPO / "Makefile").read_text()
-    variables = dict(re.findall(r"^([A-Z_0-9]+)\s*=\s*(.*)$", text, re.M))
-
-    def expand(flags):
-        return re.sub(r"\$\(([A-Z_0-9]+)\)", lambda match: expand(variables[match.group(1)]), flags)
-
-    runs = {}
-    for line in re.findall(r"^\t\$\(call train,(.*)\)$", text, re.M):
-        script, folder, *flags = expand(line).split(",", 2)
-        if not script.startswith("-m "):
-            continue
-        module, words = script.removeprefix("-m "), (flags[0] if flags else "").split()
-        sets = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
-        seed = int(words[words.index("--seed") + 1]) if "--seed" in words else 42
-        runs[folder] = (module, sets, seed)
-    return runs
+def extension_runs():
+    """The entries of the suite "extensions" whose folder is in results/extensions/ (not a selection
+    run of results/ablations/)."""
+    return [entry for entry in experiments.EXPERIMENTS
+            if entry.suite == "extensions" and entry.folder.parent == experiments.EXTENSIONS_DIR]
 
 
-def test_the_extension_entries_that_are_runs_of_make_extensions_train_as_it_does():
-    """An entry whose folder is a run of `make extensions` declares exactly that run's settings and
-    seed (it would otherwise retrain it differently, or be refused its checkpoint)."""
-    from harness import settings
-    runs = makefile_runs()
-    assert {"results/extensions/vae_gaussian", "results/extensions/nf_multiscale"} <= runs.keys()
-    shared = [entry for entry in experiments.EXPERIMENTS
-              if entry.folder.parts[:2] == ("results", "extensions")]
-    assert {entry.name for entry in shared} == {"vae_planar_k8", "vae_iaf_k4"}
-    for entry in shared:
-        module, sets, seed = runs[str(entry.folder)]
-        assert module == entry.module and seed == entry.seed
-        made = dataclasses.asdict(settings.override(settings_of(entry).DEFAULT, sets))
-        assert made == experiments.expected_settings(entry)
+def test_the_suites_split_the_assignment_from_what_goes_beyond_it():
+    """`make ablations` trains the answer files' entries, `make extensions` the extension modules'
+    (their selection runs and their own runs in results/extensions/, each named by its folder)."""
+    for entry in experiments.EXPERIMENTS:
+        assert entry.suite in experiments.SUITES
+        assert (entry.suite == "extensions") == entry.script.startswith("extensions/"), entry.name
+    runs = extension_runs()
+    assert {entry.folder.name for entry in runs} == {entry.name for entry in runs}
+    assert {"vae_gaussian", "vae_iw5", "vae_iw5_dreg", "vae_iw20", "nf_conv", "nf_conv_variational",
+            "nf_multiscale", "nf_multiscale_variational"} <= {entry.name for entry in runs}
+
+
+def test_from_weights_redraws_only_the_runs_that_have_weights(tmp_path, monkeypatch, capsys):
+    """--from_weights runs the script's own command with --from_weights in place of --resume, for the
+    runs whose folder holds a weights.pt, and names the others in one line."""
+    with_weights = experiments.Experiment("a", "extensions/vae_flows.py", "note", out=str(tmp_path / "a"),
+                                          seed=1, suite="extensions")
+    without = dataclasses.replace(with_weights, name="b", out=str(tmp_path / "b"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "weights.pt").write_bytes(b"")
+    monkeypatch.setattr(experiments, "EXPERIMENTS", (with_weights, without))
+    monkeypatch.setattr(experiments, "BY_NAME", {"a": with_weights, "b": without})
+    ran = []
+    monkeypatch.setattr(experiments.subprocess, "run", lambda command, check: ran.append(command))
+    experiments.main(["--suite", "extensions", "--from_weights"])
+    assert ran == [[experiments.sys.executable, "-m", "extensions.vae_flows", "--from_weights", "--out",
+                    str(tmp_path / "a"), "--seed", "1"]]
+    assert capsys.readouterr().out.splitlines()[-1] == "not redrawn, no weights.pt: b"
+    ran.clear()
+    experiments.main([])  # the ablations suite: neither entry
+    assert ran == []
 
 
 def test_every_run_of_make_extensions_can_commit_its_weights(tmp_path):
@@ -105,17 +107,18 @@ def test_every_run_of_make_extensions_can_commit_its_weights(tmp_path):
     import torch
 
     import a3_vae_template as vae
-    from harness import settings
     from harness.files import save_weights
-    runs = makefile_runs()
-    assert len(runs) == 14 and sum(seed == 1 for _, _, seed in runs.values()) == 4
+    runs = extension_runs()
+    assert len(runs) == 14 and sum(entry.seed == 1 for entry in runs) == 4
     git = shutil.which("git") and (REPO / ".git").exists()
-    for folder, (module_name, sets, _) in runs.items():
+    for entry in runs:
+        folder = entry.folder
         if git:
             ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/weights.pt"], cwd=REPO)
             assert ignored.returncode == 1, f"{folder}/weights.pt is git-ignored"
-        module = importlib.import_module(module_name)
-        run_settings = settings.override(module.DEFAULT, sets)
+        module = settings_of(entry)
+        start = module.TEMPLATE if entry.base == "template" else module.DEFAULT
+        run_settings = dataclasses.replace(start, **entry.overrides)
         if hasattr(module, "FlowVAE"):
             model = module.FlowVAE.from_settings(run_settings)
             epochs = (0, run_settings.epochs // 2, run_settings.epochs)
@@ -169,4 +172,4 @@ def test_list_prints_every_entry_and_runs_nothing(capsys):
     experiments.main(["--list"])
     out = capsys.readouterr().out
     for experiment in experiments.EXPERIMENTS:
-        assert f"{experiment.name}: {experiment.note}" in out
+        assert f"{experiment.name} ({experiment.suite}): {experiment.note}" in out

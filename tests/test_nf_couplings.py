@@ -60,7 +60,8 @@ def test_settings_build_the_model_they_name():
 
 
 def test_the_committed_weights_still_load(tmp_path):
-    """The state_dict keys of both runs of ``make extensions-nf`` are those of their weights.pt."""
+    """The state_dict keys of both convolutional-coupling runs of ``make extensions`` are those of
+    their weights.pt."""
     for run, dequantization in (("nf_conv", "uniform"), ("nf_conv_variational", "variational")):
         path = REPO / "results" / "extensions" / run / "weights.pt"
         if not path.exists():
