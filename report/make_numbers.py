@@ -47,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import a3_nf_template  # noqa: E402
 import experiments  # noqa: E402
 from evaluation import MEMORISED_QUANTILE  # noqa: E402
 from harness.files import write_text_if_changed  # noqa: E402
@@ -307,6 +308,30 @@ def common_value(values):
     return present.pop() if len(present) == 1 else None
 
 
+def epochs_in_words(epochs):
+    """[1] -> "epoch 1", [1, 2] -> "epochs 1 and 2", [1, 2, 3] -> "epochs 1 to 3", [1, 3, 4] ->
+    "epochs 1, 3 and 4"."""
+    if len(epochs) == 1:
+        return f"epoch {epochs[0]}"
+    if len(epochs) > 2 and epochs == list(range(epochs[0], epochs[-1] + 1)):
+        return f"epochs {epochs[0]} to {epochs[-1]}"
+    return f"epochs {', '.join(map(str, epochs[:-1]))} and {epochs[-1]}"
+
+
+def off_axis_note(train_curve, val_curve):
+    """The sentence of the bits/dim figure's caption that says which first epochs lie above its axis
+    (a3_nf_template.bpd_axis), "" when none does; None (a placeholder) when the curves are missing."""
+    curves = [curve if isinstance(curve, list) else [] for curve in (train_curve, val_curve)]
+    if not all(curves) or not all(map(is_number, curves[0] + curves[1])) or len(curves[0]) != len(curves[1]):
+        return None
+    top = a3_nf_template.bpd_axis(*curves)[1]
+    above = [epoch for epoch, values in enumerate(zip(*curves, strict=True), 1) if max(values) > top]
+    if not above:
+        return ""
+    return (f" The axis stops at {top:.2f} bits per dimension and cuts off the higher values of "
+            f"{epochs_in_words(above)}.")
+
+
 def derived_numbers(metrics):
     """{macro: (value, fmt)} for the numbers that are more than one lookup."""
     def get(run, *path):
@@ -403,6 +428,9 @@ def derived_numbers(metrics):
         "VaeValNegElbo": (val_elbo, "f2"),
         "VaeCurveValNegElbo": (curve_val_elbo, "f2"),
         "VaeData": (BMNIST_SOURCES.get(get("vae", "data", "binarized_mnist")), "latex"),
+        # Which first epochs lie above the axis of the flow's bits/dim figure.
+        "NfOffAxis": (off_axis_note(get("nf", "curves", "train_bpd"), get("nf", "curves", "val_bpd")),
+                      "text"),
         "VaeTestNllBpd": (nll / (784 * math.log(2)) if is_number(nll) else None, "f3"),
         "VaeElboGap": (negative_elbo - nll if is_number(nll) and is_number(negative_elbo) else None, "f2"),
         "VaeNaiveMaxSamples": (max(naive_samples) if naive_samples else None, "int"),

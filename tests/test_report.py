@@ -420,6 +420,25 @@ def test_relation(value, reference, fmt, words):
     assert make_numbers.relation(value, reference, fmt) == words
 
 
+@pytest.mark.parametrize("train, val, note", [
+    # Epochs 1 and 2 above the axis (its top 2.02: the run ends below 1.9): the caption says so.
+    ([3.1, 2.3, 2.01, 1.8], [2.6, 2.1, 1.95, 1.79], " The axis stops at 2.02 bits per dimension and "
+     "cuts off the higher values of epochs 1 and 2."),
+    ([3.1, 2.5, 2.2, 1.8], [2.6, 2.1, 1.95, 1.79], " The axis stops at 2.02 bits per dimension and "
+     "cuts off the higher values of epochs 1 to 3."),
+    ([1.98, 1.8], [1.95, 1.79], ""),  # every value on the axis
+    ([3.0, 2.6], [2.9, 2.7], ""),  # a run that stays above 1.9 is drawn whole
+    ([], [1.9], None),  # no curves: a placeholder
+])
+def test_the_bpd_caption_says_which_epochs_are_off_its_axis(train, val, note):
+    assert make_numbers.off_axis_note(train, val) == note
+
+
+def test_epochs_in_words():
+    assert [make_numbers.epochs_in_words(e) for e in ([4], [1, 2], [1, 2, 3], [1, 3, 4])] == \
+        ["epoch 4", "epochs 1 and 2", "epochs 1 to 3", "epochs 1, 3 and 4"]
+
+
 @pytest.mark.parametrize("shares, words", [((0.0105, 0.0095), "within the standard errors of"),
                                             ((0.0001, 0.0002), "below"), ((0.005, 0.05), "above")])
 def test_memorised_share_against_chance(tmp_path, shares, words):
