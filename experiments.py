@@ -63,11 +63,15 @@ class Experiment:
     out: str | None = None  # its run folder, if not results/ablations/<name> (a canonical run's)
     candidate: bool = True  # whether it competes in its model's selection (not a seed study or full run)
     group: str = ""  # candidates compete only with those of their script and group
-    suite: str = "ablations"  # the make target that trains it: "ablations" or "extensions"
 
     @property
     def folder(self):
         return Path(self.out) if self.out else ABLATIONS_DIR / self.name
+
+    @property
+    def suite(self):
+        """The make target that trains it: "extensions" for an extension module's, else "ablations"."""
+        return "extensions" if Path(self.script).parts[0] == "extensions" else "ablations"
 
     @property
     def module(self):
@@ -95,6 +99,7 @@ NF_SHORT = {"epochs": 10}
 VAE_FLOWS = "extensions/vae_flows.py"
 EXTENSIONS_DIR = RESULTS_DIR / "extensions"
 GAUSSIAN, PLANAR, IAF = ({"posterior": name} for name in ("gaussian", "planar", "iaf"))
+PLANAR_K8, IAF_K4 = {**PLANAR, "flow_steps": 8}, {**IAF, "flow_steps": 4}
 IW5 = {**GAUSSIAN, "iw_samples": 5}
 NF_CONV, NF_MULTISCALE = "extensions/nf_couplings.py", "extensions/nf_multiscale.py"
 EXTENSION_NF_SHORT = {"epochs": 4}
@@ -145,36 +150,35 @@ EXPERIMENTS = (
     # Beyond the assignment. The VAE's flow length, per posterior, at the extension's 80 epochs; the
     # chosen lengths are the extension's runs.
     Experiment("vae_planar_k4", VAE_FLOWS, "planar flow, K = 4",
-               {**PLANAR, "flow_steps": 4, **VAE_SELECTION}, group="planar", suite="extensions"),
-    Experiment("vae_planar_k8", VAE_FLOWS, "planar flow, K = 8", {**PLANAR, "flow_steps": 8},
-               out=f"{EXTENSIONS_DIR}/vae_planar_k8", group="planar", suite="extensions"),
+               {**PLANAR, "flow_steps": 4, **VAE_SELECTION}, group="planar"),
+    Experiment("vae_planar_k8", VAE_FLOWS, "planar flow, K = 8", PLANAR_K8,
+               out=f"{EXTENSIONS_DIR}/vae_planar_k8", group="planar"),
     Experiment("vae_iaf_k2", VAE_FLOWS, "IAF, K = 2", {**IAF, "flow_steps": 2, **VAE_SELECTION},
-               group="iaf", suite="extensions"),
-    Experiment("vae_iaf_k4", VAE_FLOWS, "IAF, K = 4", {**IAF, "flow_steps": 4},
-               out=f"{EXTENSIONS_DIR}/vae_iaf_k4", group="iaf", suite="extensions"),
+               group="iaf"),
+    Experiment("vae_iaf_k4", VAE_FLOWS, "IAF, K = 4", IAF_K4,
+               out=f"{EXTENSIONS_DIR}/vae_iaf_k4", group="iaf"),
     # The extension's other VAE runs: the Gaussian posterior, the importance-weighted bound (IWAE's and
     # DReG's gradient), and a second seed of four of them.
-    *(Experiment(name, VAE_FLOWS, note, overrides, out=f"{EXTENSIONS_DIR}/{name}", candidate=False,
-                 suite="extensions")
+    *(Experiment(name, VAE_FLOWS, note, overrides, out=f"{EXTENSIONS_DIR}/{name}", candidate=False)
       for name, note, overrides in (
           ("vae_gaussian", "the Gaussian posterior", GAUSSIAN),
           ("vae_iw5", "the importance-weighted bound, k = 5", IW5),
           ("vae_iw5_dreg", "k = 5 with DReG's gradient", {**IW5, "iw_estimator": "dreg"}),
           ("vae_iw20", "the importance-weighted bound, k = 20", {**GAUSSIAN, "iw_samples": 20}))),
     *(Experiment(f"{name}_seed_1", VAE_FLOWS, f"{name}, seed 1", overrides, seed=1,
-                 out=f"{EXTENSIONS_DIR}/{name}_seed_1", candidate=False, suite="extensions")
-      for name, overrides in (("vae_gaussian", GAUSSIAN), ("vae_iaf_k4", {**IAF, "flow_steps": 4}),
-                              ("vae_planar_k8", {**PLANAR, "flow_steps": 8}), ("vae_iw5", IW5))),
+                 out=f"{EXTENSIONS_DIR}/{name}_seed_1", candidate=False)
+      for name, overrides in (("vae_gaussian", GAUSSIAN), ("vae_iaf_k4", IAF_K4),
+                              ("vae_planar_k8", PLANAR_K8), ("vae_iw5", IW5))),
     # The learning rate of the convolutional and of the multi-scale flow, on runs shortened to 4 epochs;
     # then each flow in full, with uniform and with variational dequantization.
     *(Experiment(f"{name}_lr_{text}", script,
                  f"4 epochs, lr {text}" + (" (the default's)" if lr == 1e-3 else ""),
-                 {**EXTENSION_NF_SHORT, "lr": lr}, suite="extensions")
+                 {**EXTENSION_NF_SHORT, "lr": lr})
       for name, script in (("nf_conv", NF_CONV), ("nf_multiscale", NF_MULTISCALE))
       for text, lr in (("5e-4", 5e-4), ("1e-3", 1e-3), ("2e-3", 2e-3))),
     *(Experiment(f"{name}{suffix}", script, f"{note}, {dequantization} dequantization",
                  {"dequantization": "variational"} if suffix else {},
-                 out=f"{EXTENSIONS_DIR}/{name}{suffix}", candidate=False, suite="extensions")
+                 out=f"{EXTENSIONS_DIR}/{name}{suffix}", candidate=False)
       for name, script, note in (("nf_conv", NF_CONV, "convolutional couplings"),
                                  ("nf_multiscale", NF_MULTISCALE, "the multi-scale flow"))
       for suffix, dequantization in (("", "uniform"), ("_variational", "variational"))),

@@ -70,9 +70,10 @@ def extension_runs():
 def test_the_suites_split_the_assignment_from_what_goes_beyond_it():
     """`make ablations` trains the answer files' entries, `make extensions` the extension modules'
     (their selection runs and their own runs in results/extensions/, each named by its folder)."""
-    for entry in experiments.EXPERIMENTS:
-        assert entry.suite in experiments.SUITES
-        assert (entry.suite == "extensions") == entry.script.startswith("extensions/"), entry.name
+    suites = {suite: {entry.script for entry in experiments.EXPERIMENTS if entry.suite == suite}
+              for suite in experiments.SUITES}
+    assert suites["ablations"] == {experiments.VAE, experiments.GAN, experiments.NF}
+    assert suites["extensions"] == {experiments.VAE_FLOWS, experiments.NF_CONV, experiments.NF_MULTISCALE}
     runs = extension_runs()
     assert {entry.folder.name for entry in runs} == {entry.name for entry in runs}
     assert {"vae_gaussian", "vae_iw5", "vae_iw5_dreg", "vae_iw20", "nf_conv", "nf_conv_variational",
@@ -83,7 +84,7 @@ def test_from_weights_redraws_only_the_runs_that_have_weights(tmp_path, monkeypa
     """--from_weights runs the script's own command with --from_weights in place of --resume, for the
     runs whose folder holds a weights.pt, and names the others in one line."""
     with_weights = experiments.Experiment("a", "extensions/vae_flows.py", "note", out=str(tmp_path / "a"),
-                                          seed=1, suite="extensions")
+                                          seed=1)
     without = dataclasses.replace(with_weights, name="b", out=str(tmp_path / "b"))
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "weights.pt").write_bytes(b"")
