@@ -39,8 +39,8 @@ FIGURES = {name: name for name in ("samples_start", "samples_halfway", "samples_
 class Settings:
     epochs: int = 200  # passes over the training images (the template's --n_epochs)
     latent_dim: int = 100  # dimension of z ~ N(0, I) (the template's --latent_dim)
-    batch_size: int = 128  # the template's 64 at twice the learning rate: the same samples in fewer steps
-    lr: float = 4e-4  # Adam's learning rate of both networks (the template's 2e-4)
+    batch_size: int = 64  # images per step of D and of G (the template's)
+    lr: float = 2e-4  # Adam's learning rate of both networks (the template's)
     adam_beta1: float = 0.5  # Adam's first-moment decay, lowered from 0.9 as in DCGAN (Radford et al., 2016)
     adam_beta2: float = 0.999  # Adam's second-moment decay, its default
     # R1 penalty (gamma / 2) E ||grad_x D_logit(x)||^2 on real images (Mescheder et al., 2018); 0: none
@@ -50,8 +50,9 @@ class Settings:
     # samples from an exponential moving average of G's weights (Yazici et al., 2019) with this decay,
     # its BatchNorm statistics measured afresh (precise BN, Wu & Johnson, 2021); None: from G itself
     ema_decay: float | None = 0.999
-    # the fraction of training after which both learning rates decay linearly towards 0; 1.0: constant
-    lr_decay_start: float = 0.5
+    # the fraction of training after which both learning rates decay linearly towards 0; 1.0: constant,
+    # as in the template
+    lr_decay_start: float = 1.0
     save_interval: int = 500  # a 5x5 grid of samples every this many batches (the template's)
 
     def __post_init__(self):
@@ -60,7 +61,7 @@ class Settings:
 
 
 DEFAULT = Settings()
-TEMPLATE = Settings(batch_size=64, lr=2e-4, r1_gamma=0.0, r1_interval=1, ema_decay=None, lr_decay_start=1.0)
+TEMPLATE = Settings(r1_gamma=0.0, r1_interval=1, ema_decay=None)
 # The template's flags, each a name for --set FIELD=VALUE.
 TEMPLATE_FLAGS = {"n_epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "latent_dim": "latent_dim",
                   "save_interval": "save_interval"}
