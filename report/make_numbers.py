@@ -65,9 +65,8 @@ RUNS = ("vae", "vae_z2", "gan", "nf")
 # the prefix of its macros. Their runs are known here by their entries' names.
 SELECTION_TABLES = {experiments.VAE: ("select_vae.tex", "Vae"), experiments.GAN: ("select_gan.tex", "Gan"),
                     experiments.NF: ("select_nf.tex", "Nf")}
-# The entries whose numbers the prose cites, per macro prefix: the template's training (for the flow,
-# the shortened run at the template's batch and learning rate) and the default.
-TEMPLATE_ENTRIES = {"Vae": "vae_template", "Gan": "gan_template", "Nf": "nf_batch_128_lr_1e-3"}
+# The entries whose numbers the prose cites, per macro prefix: the template's training and the default.
+TEMPLATE_ENTRIES = {"Vae": "vae_template", "Gan": "gan_template"}
 DEFAULT_ENTRIES = {"Vae": "vae_default", "Gan": "gan_default"}
 # The last column of a selection table, for the entries that do not compete.
 SEED_STUDY, NO_CANDIDATE, CHOSEN = "seed study", "not a candidate", r"\textbf{chosen}"
@@ -239,8 +238,6 @@ NUMBERS = [
     Number("NfTrainBpd", "nf", ("curves", "train_bpd", -1), "f3"),
     Number("NfValBpd", "nf", ("curves", "val_bpd", -1), "f3"),
     # The template's batch and learning rate, as its shortened run of the selection recorded them.
-    Number("NfTemplateBatchSize", TEMPLATE_ENTRIES["Nf"], setting("batch_size"), "int"),
-    Number("NfTemplateLr", TEMPLATE_ENTRIES["Nf"], setting("lr"), "g"),
     # ------------------------------------------------------------ real images and the classifier
     Number("ClassifierAccuracy", "reference", ("classifier_test_accuracy",), "f2", 100),
     # The real images' row: the mean over random subsets, and (Sd) the standard deviation over them.

@@ -343,10 +343,10 @@ def test_importance_weighted_bpd_with_one_sample_is_the_bound_and_more_samples_t
 
 def test_settings_default_and_the_templates():
     assert dataclasses.asdict(nf.DEFAULT) == {
-        "epochs": 40, "batch_size": 256, "lr": 5e-4, "warmup_epochs": 1, "cosine_decay": True, "clip": 100.0,
+        "epochs": 40, "batch_size": 128, "lr": 1e-3, "warmup_epochs": 1, "cosine_decay": True, "clip": 100.0,
         "n_flows": 4, "n_hidden": 1024}
     assert harness.settings.differences(nf.TEMPLATE, nf.DEFAULT) == {
-        "batch_size": 128, "lr": 1e-3, "warmup_epochs": 0, "cosine_decay": False, "clip": None}
+        "warmup_epochs": 0, "cosine_decay": False, "clip": None}
 
 
 def test_settings_build_the_model_they_name():
