@@ -66,7 +66,7 @@ RUNS = ("vae", "vae_z2", "gan", "nf")
 SELECTION_TABLES = {experiments.VAE: ("select_vae.tex", "Vae"), experiments.GAN: ("select_gan.tex", "Gan"),
                     experiments.NF: ("select_nf.tex", "Nf")}
 # The entries whose numbers the prose cites, per macro prefix: the template's training and the default.
-TEMPLATE_ENTRIES = {"Vae": "vae_template", "Gan": "gan_template"}
+TEMPLATE_ENTRIES = {"Vae": "vae_template", "Gan": "gan_template", "Nf": "nf_template"}
 DEFAULT_ENTRIES = {"Vae": "vae_default", "Gan": "gan_default"}
 # The last column of a selection table, for the entries that do not compete.
 SEED_STUDY, NO_CANDIDATE, CHOSEN = "seed study", "not a candidate", r"\textbf{chosen}"
@@ -602,7 +602,8 @@ def selection_numbers(metrics, chosen):
     """{macro: (value, fmt)} of the selection experiments, from ``chosen`` (see selections): per model
     the chosen entry's note and whether it is the default; the template's and the default's scores
     (VAE, GAN), the spread of the GAN's score over the seeds of the default and of the template, and
-    the flow's chosen learning rate, batch and score and the epochs of its shortened runs."""
+    the flow's template's score, its chosen learning rate, batch and score and the epochs of its
+    shortened runs."""
     numbers = {}
     for script, (_, prefix) in SELECTION_TABLES.items():
         selection = chosen[script]
@@ -632,6 +633,7 @@ def selection_numbers(metrics, chosen):
     numbers["GanSelectionDefaultFid"] = (score(gan, DEFAULT_ENTRIES["Gan"]), "f2")
     numbers["GanSelectionSeedSpread"] = (seed_spread(DEFAULT_ENTRIES["Gan"]), "f2")
     numbers["GanSelectionTemplateSeedSpread"] = (seed_spread(TEMPLATE_ENTRIES["Gan"]), "f2")
+    numbers["NfSelectionTemplateValBpd"] = (score(experiments.NF, TEMPLATE_ENTRIES["Nf"]), "f3")
     flow = chosen[experiments.NF]
     best = flow.chosen.name if flow.chosen else None
     numbers["NfSelectionBestLr"] = (lookup(metrics, best, "settings", "lr"), "g")

@@ -118,8 +118,8 @@ SELECTION_SCORES = {
     "vae_without_cosine_decay": 92.0,
     "gan_r1": 20.0, "gan_r1_gamma_1": 25.0, "gan_r1_ema_decay": 8.0, "gan_r1_ema_decay_batch_128": 12.0,
     "gan_template_seed_1": 66.5, "gan_default_seed_1": 6.25,
-    "nf_lr_5e-4": 1.8, "nf_lr_1e-3": 1.85, "nf_lr_2e-3": 1.9, "nf_batch_256_lr_2.5e-4": 1.88,
-    "nf_batch_256_lr_5e-4": 1.78, "nf_batch_256_lr_1e-3": 1.82,
+    "nf_template": 1.95, "nf_lr_5e-4": 1.8, "nf_lr_1e-3": 1.85, "nf_lr_2e-3": 1.9,
+    "nf_batch_256_lr_2.5e-4": 1.88, "nf_batch_256_lr_5e-4": 1.78, "nf_batch_256_lr_1e-3": 1.82,
 }
 
 
@@ -589,6 +589,7 @@ def test_selection_numbers_and_tables_from_fake_results(generated):
     assert (numbers["NfSelectionBestLr"], numbers["NfSelectionBestBatchSize"],
             numbers["NfSelectionBestValBpd"], numbers["NfSelectionEpochs"]) == \
         ("0.0005", "256", "1.780", "10")
+    assert numbers["NfSelectionTemplateValBpd"] == "1.950"
 
     chosen = make_numbers.CHOSEN
     vae = table_rows(generated / "select_vae.tex")
@@ -603,7 +604,8 @@ def test_selection_numbers_and_tables_from_fake_results(generated):
     assert gan_rows[6:] == [["the template's training, seed 1", "66.50", "0.765", "0.432", "seed study"],
                             ["the default, seed 1", "6.25", "0.765", "0.432", "seed study"]]
     nf = table_rows(generated / "select_nf.tex")
-    assert nf[4] == ["10 epochs, batch 256, lr 5e-4", "1.780", chosen]
+    assert nf[0] == ["10 epochs, the course template's training", "1.950", ""]
+    assert nf[5] == ["10 epochs, batch 256, lr 5e-4", "1.780", chosen]
     assert nf[-1] == ["the default, in full", "1.250", "not a candidate"]
     assert [row[-1] for row in nf].count(chosen) == 1
 
