@@ -50,9 +50,8 @@ class Settings:
     # samples from an exponential moving average of G's weights (Yazici et al., 2019) with this decay,
     # its BatchNorm statistics measured afresh (precise BN, Wu & Johnson, 2021); None: from G itself
     ema_decay: float | None = 0.999
-    # the fraction of training after which both learning rates decay linearly towards 0; 1.0: constant,
-    # as in the template
-    lr_decay_start: float = 1.0
+    # the fraction of training after which both learning rates decay linearly towards 0; 1.0: constant
+    lr_decay_start: float = 0.5
     save_interval: int = 500  # a 5x5 grid of samples every this many batches (the template's)
 
     def __post_init__(self):
@@ -61,7 +60,7 @@ class Settings:
 
 
 DEFAULT = Settings()
-TEMPLATE = Settings(r1_gamma=0.0, r1_interval=1, ema_decay=None)
+TEMPLATE = Settings(r1_gamma=0.0, r1_interval=1, ema_decay=None, lr_decay_start=1.0)
 # The template's flags, each a name for --set FIELD=VALUE.
 TEMPLATE_FLAGS = {"n_epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "latent_dim": "latent_dim",
                   "save_interval": "save_interval"}

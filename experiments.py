@@ -24,7 +24,7 @@ scores each run once, at the end, and is not read when choosing):
   (the default); chosen by the validation NLL (importance-sampled, K = importance_samples), the validation
   negative ELBO beside it.
 - GAN: a ladder from the template's training, one addition per rung: R1 (two weights), the weight
-  average (the default), the learning-rate decay, then batch 128 at twice the learning rate; chosen
+  average, the learning-rate decay (the default), then batch 128 at twice the learning rate; chosen
   by the FID against the selection reference (10,000 training images, evaluation.REFERENCES), with a
   second seed of the template and of the default for the spread.
 - Flow: the template's training, and the learning rate at the default batch (the template's 128)
@@ -94,7 +94,7 @@ VAE, GAN, NF = "a3_vae_template.py", "a3_gan_template.py", "a3_nf_template.py"
 # validation's K, not at the canonical run's larger one.
 VAE_SELECTION = {"test_importance_samples": 500}
 R1 = {"r1_gamma": 0.3, "r1_interval": 8}
-DECAY = {"lr_decay_start": 0.5}
+EMA = {"ema_decay": 0.999}
 NF_SHORT = {"epochs": 10}
 VAE_FLOWS = "extensions/vae_flows.py"
 EXTENSIONS_DIR = RESULTS_DIR / "extensions"
@@ -131,10 +131,11 @@ EXPERIMENTS = (
     Experiment("gan_template", GAN, "the course template's training", base="template"),
     Experiment("gan_r1", GAN, "+ R1, gamma 0.3, every 8th batch", R1, base="template"),
     Experiment("gan_r1_gamma_1", GAN, "+ R1 with gamma 1 instead", {**R1, "r1_gamma": 1.0}, base="template"),
-    Experiment("gan_default", GAN, "+ the weight average of G: the default", out="results/gan"),
-    Experiment("gan_r1_ema_decay", GAN, "+ the learning-rate decay over the second half", DECAY),
-    Experiment("gan_r1_ema_decay_batch_128", GAN, "+ batch 128 at learning rate 4e-4",
-               {**DECAY, "batch_size": 128, "lr": 4e-4}),
+    Experiment("gan_r1_ema", GAN, "+ the weight average of G", {**R1, **EMA}, base="template"),
+    Experiment("gan_default", GAN, "+ the learning-rate decay over the second half: the default",
+               out="results/gan"),
+    Experiment("gan_default_batch_128", GAN, "+ batch 128 at learning rate 4e-4",
+               {"batch_size": 128, "lr": 4e-4}),
     Experiment("gan_template_seed_1", GAN, "the template's training, seed 1", base="template", seed=1,
                candidate=False),
     Experiment("gan_default_seed_1", GAN, "the default, seed 1", seed=1, candidate=False),

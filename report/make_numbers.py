@@ -432,6 +432,8 @@ def derived_numbers(metrics):
         "VaeElboGap": (negative_elbo - nll if is_number(nll) and is_number(negative_elbo) else None, "f2"),
         "VaeNaiveMaxSamples": (max(naive_samples) if naive_samples else None, "int"),
         "GanHalfwayEpoch": (get("gan", "milestones", "halfway"), "int"),
+        # The first epoch whose learning rate is below the base one.
+        "GanLrDecayEpoch": (get("gan", "milestones", "lr_decay_start"), "int"),
         **extremes("Gan", "gan"),
         **extremes("GanTemplate", TEMPLATE_ENTRIES["Gan"]),
         "GanBestFidEpoch": (best.get("epoch"), "int"),

@@ -113,10 +113,10 @@ def test_shapes_and_output_ranges():
 def test_settings_default_and_the_templates():
     assert harness.settings.as_dict(gan.DEFAULT) == {
         "epochs": 200, "latent_dim": 100, "batch_size": 64, "lr": 2e-4, "adam_beta1": 0.5,
-        "adam_beta2": 0.999, "r1_gamma": 0.3, "r1_interval": 8, "ema_decay": 0.999, "lr_decay_start": 1.0,
+        "adam_beta2": 0.999, "r1_gamma": 0.3, "r1_interval": 8, "ema_decay": 0.999, "lr_decay_start": 0.5,
         "save_interval": 500}
     assert harness.settings.differences(gan.TEMPLATE, gan.DEFAULT) == {
-        "r1_gamma": 0.0, "r1_interval": 1, "ema_decay": None}
+        "r1_gamma": 0.0, "r1_interval": 1, "ema_decay": None, "lr_decay_start": 1.0}
 
 
 # ---------------------------------------------------------------- losses
@@ -514,8 +514,7 @@ def old_get_lr(epoch, n_epochs, lr, decay_start):
     return lr * min(1.0, (n_epochs - epoch + 1) / decay_epochs)
 
 
-@pytest.mark.parametrize("base", [dataclasses.replace(gan.DEFAULT, lr_decay_start=0.5), gan.TEMPLATE],
-                         ids=["decaying", "template"])
+@pytest.mark.parametrize("base", [gan.DEFAULT, gan.TEMPLATE], ids=["default", "template"])
 @pytest.mark.parametrize("epochs", [1, 2, 3, 7, 200])
 def test_get_lr_equals_the_old_per_epoch_schedule_at_every_step(base, epochs):
     settings = dataclasses.replace(base, epochs=epochs)
@@ -526,22 +525,20 @@ def test_get_lr_equals_the_old_per_epoch_schedule_at_every_step(base, epochs):
 
 
 def test_learning_rate_decays_linearly_over_the_second_half():
-    decaying = dataclasses.replace(gan.DEFAULT, lr_decay_start=0.5)
-    lr = decaying.lr
-    rates = [gan.get_lr(epoch - 1, 1, decaying) for epoch in range(1, 201)]
+    lr = gan.DEFAULT.lr
+    rates = [gan.get_lr(epoch - 1, 1, gan.DEFAULT) for epoch in range(1, 201)]
     assert set(rates[:101]) == {lr}  # epochs 1-101
     assert rates[101] == pytest.approx(lr * 0.99) and rates[149] == pytest.approx(lr * 0.51)
     assert rates[-1] == pytest.approx(lr / 100)
     assert np.allclose(np.diff(rates[100:]), -lr / 100)
-    three = dataclasses.replace(decaying, epochs=3)
+    three = dataclasses.replace(gan.DEFAULT, epochs=3)
     assert [gan.get_lr(step, 5, three) for step in (0, 5, 10, 14)] == [lr, lr, lr / 2, lr / 2]
 
 
-@pytest.mark.parametrize("base", [gan.DEFAULT, gan.TEMPLATE], ids=["default", "template"])
-def test_learning_rate_is_constant_without_decay(base):
+def test_templates_learning_rate_is_constant():
     for epochs in (1, 2, 200):
-        settings = dataclasses.replace(base, epochs=epochs)
-        assert {gan.get_lr(step, 4, settings) for step in range(4 * epochs)} == {base.lr}
+        settings = dataclasses.replace(gan.TEMPLATE, epochs=epochs)
+        assert {gan.get_lr(step, 4, settings) for step in range(4 * epochs)} == {gan.TEMPLATE.lr}
 
 
 def test_train_sets_the_learning_rate_of_its_step_before_the_step():
@@ -552,7 +549,7 @@ def test_train_sets_the_learning_rate_of_its_step_before_the_step():
     optimizer_G, optimizer_D, _ = sgd(generator, discriminator, lr, lr)
     torch.manual_seed(1)
     train(one_batch(n), discriminator, generator, optimizer_G, optimizer_D,
-          dataclasses.replace(gan.DEFAULT, lr=lr, r1_gamma=0.0, epochs=3, lr_decay_start=0.5), epoch=3)
+          dataclasses.replace(gan.DEFAULT, lr=lr, r1_gamma=0.0, epochs=3), epoch=3)
     assert [g["lr"] for g in (*optimizer_G.param_groups, *optimizer_D.param_groups)] == [lr / 2] * 2
 
     reference_g, reference_d = networks()
@@ -563,10 +560,9 @@ def test_train_sets_the_learning_rate_of_its_step_before_the_step():
 
 
 def test_milestones_mark_halfway_and_the_first_epoch_of_a_lower_learning_rate():
-    decaying = dataclasses.replace(gan.DEFAULT, lr_decay_start=0.5)
-    assert gan.milestones(decaying) == {"halfway": 100, "lr_decay_start": 102}
-    assert gan.milestones(dataclasses.replace(decaying, epochs=3)) == {"halfway": 1, "lr_decay_start": 3}
-    assert gan.milestones(gan.DEFAULT) == {"halfway": 100}  # constant: no decay to mark
+    assert gan.milestones(gan.DEFAULT) == {"halfway": 100, "lr_decay_start": 102}
+    assert gan.milestones(dataclasses.replace(gan.DEFAULT, epochs=3)) == {"halfway": 1, "lr_decay_start": 3}
+    assert gan.milestones(gan.TEMPLATE) == {"halfway": 100}  # constant: no decay to mark
 
 
 # ---------------------------------------------------------------- sampling and interpolation
@@ -715,7 +711,7 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     settings = dataclasses.replace(gan.DEFAULT, epochs=3, batch_size=32, save_interval=2)
     assert metrics["settings"] == harness.settings.as_dict(settings)
     assert metrics["epochs_completed"] == 3 and metrics["seed"] == 42
-    assert metrics["milestones"] == {"halfway": 1}
+    assert metrics["milestones"] == {"halfway": 1, "lr_decay_start": 3}
     assert metrics["figures"] == gan.FIGURES
     curves = metrics["curves"]
     assert set(curves) == {"loss_d", "loss_g", "d_real", "d_fake", "wall_time_s"}
@@ -743,7 +739,7 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     for name in ("optimizer_G", "optimizer_D"):
         group = saved["state"][name]["param_groups"][0]
         assert group["fused"] and group["betas"] == (0.5, 0.999)
-        assert group["lr"] == gan.get_lr(2 * 4, 4, settings) == 2e-4  # decayed in epoch 3
+        assert group["lr"] == gan.get_lr(2 * 4, 4, settings) == 1e-4  # decayed in epoch 3
     average = gan.Generator()
     average.load_state_dict(saved["state"]["generator_average"])  # a plain Generator's keys, as before
     torch.testing.assert_close(gan.load_sampler(out / "checkpoint.pt")(8), gan.sample_images(average, 8))

@@ -53,7 +53,7 @@ VAE_SETTINGS = {"epochs": VAE_EPOCHS, "z_dim": 20, "hidden_dim": 500, "hidden_la
                 "importance_samples": 500}
 GAN_SETTINGS = {"epochs": 200, "latent_dim": 100, "batch_size": 64, "lr": 0.0002, "adam_beta1": 0.5,
                 "adam_beta2": 0.999, "r1_gamma": 0.3, "r1_interval": 8, "ema_decay": 0.999,
-                "lr_decay_start": 1.0, "save_interval": 500}
+                "lr_decay_start": 0.5, "save_interval": 500}
 NF_SETTINGS = {"epochs": 40, "batch_size": 128, "lr": 0.001, "warmup_epochs": 1, "cosine_decay": True,
                "clip": 100.0, "n_flows": 4, "n_hidden": 1024}
 
@@ -103,7 +103,7 @@ def gan(settings=None, seed=42, milestones=None, **results):
     return record("a3_gan_template.py", settings, seed, milestones, **results)
 
 
-TEMPLATE_GAN = {"r1_gamma": 0.0, "r1_interval": 1, "ema_decay": None}
+TEMPLATE_GAN = {"r1_gamma": 0.0, "r1_interval": 1, "ema_decay": None, "lr_decay_start": 1.0}
 
 
 # The held-out score of each run of experiments.py's selection that fake_results writes under
@@ -116,7 +116,7 @@ SELECTION_SCORES = {
     "vae_template_kl_warmup": 94.5, "vae_template_cosine_decay": 94.75,
     "vae_without_two_layers": 93.25, "vae_without_dynamic_binarization": 92.5, "vae_without_kl_warmup": 91.75,
     "vae_without_cosine_decay": 92.0,
-    "gan_r1": 20.0, "gan_r1_gamma_1": 25.0, "gan_r1_ema_decay": 8.0, "gan_r1_ema_decay_batch_128": 12.0,
+    "gan_r1": 20.0, "gan_r1_gamma_1": 25.0, "gan_r1_ema": 12.0, "gan_default_batch_128": 8.0,
     "gan_template_seed_1": 66.5, "gan_default_seed_1": 6.25,
     "nf_template": 1.95, "nf_lr_5e-4": 1.8, "nf_lr_1e-3": 1.85, "nf_lr_2e-3": 1.9,
     "nf_batch_256_lr_2.5e-4": 1.88, "nf_batch_256_lr_5e-4": 1.78, "nf_batch_256_lr_1e-3": 1.82,
@@ -316,6 +316,8 @@ def test_numbers_from_fake_results(generated):
     assert numbers["VaeNaiveMaxSamples"] == "10{,}000"
     assert numbers["VaeZtwoZdim"] == "2"
     assert numbers["GanHalfwayEpoch"] == "100"
+    # The first epoch with a learning rate below the base one, as the run recorded it.
+    assert numbers["GanLrDecayEpoch"] == "102"
     assert (numbers["GanLr"], numbers["GanRoneInterval"], numbers["GanRGamma"]) == ("0.0002", "8", "0.3")
     assert numbers["GanLossD"] == "1.300"
     assert (numbers["GanInterpFrom"], numbers["GanInterpTo"]) == ("3", "8")
@@ -496,12 +498,12 @@ def test_epochs_and_figure_names_are_read_from_the_run_not_derived(tmp_path):
                           samples_end="samples_epoch039", means_end="means_epoch039")
     schema.write(results / "vae" / "metrics.json", vae)
     gan = read_json(results / "gan" / "metrics.json")
-    gan["milestones"].update(halfway=99)
+    gan["milestones"].update(halfway=99, lr_decay_start=150)
     schema.write(results / "gan" / "metrics.json", gan)
     numbers = make_numbers.write_all(results, tmp_path / "generated")
     assert (numbers["VaeHalfwayEpoch"], numbers["VaeHalfwayTag"], numbers["VaeFinalTag"]) == \
         ("7", "007", "039")
-    assert numbers["GanHalfwayEpoch"] == "99"
+    assert (numbers["GanHalfwayEpoch"], numbers["GanLrDecayEpoch"]) == ("99", "150")
     # A run without the means figure, or with names of another form, has no tag to give.
     del vae["figures"]["means_halfway"]
     vae["figures"]["samples_end"] = "samples_last"
@@ -579,7 +581,7 @@ def test_selection_numbers_and_tables_from_fake_results(generated):
         ("all four: the default", "the default")
     assert (numbers["VaeSelectionTemplateNll"], numbers["VaeSelectionDefaultNll"]) == ("95.25", "91.50")
     assert (numbers["GanSelectionChosen"], numbers["GanSelectionIsDefault"]) == \
-        ("+ the weight average of G: the default", "the default")
+        ("+ the learning-rate decay over the second half: the default", "the default")
     # Selection FIDs at the last epoch (the template's best, 60 at epoch 100, is not its score).
     assert (numbers["GanSelectionTemplateFid"], numbers["GanSelectionDefaultFid"]) == ("70.00", "5.50")
     # |5.5 - 6.25| over the default's seeds, |70 - 66.5| over the template's.
@@ -600,7 +602,8 @@ def test_selection_numbers_and_tables_from_fake_results(generated):
     assert [row[-1] for row in vae].count(chosen) == 1
     gan_rows = table_rows(generated / "select_gan.tex")
     assert gan_rows[0] == ["the course template's training", "70.00", "0.765", "0.432", ""]
-    assert gan_rows[3] == ["+ the weight average of G: the default", "5.50", "0.765", "0.432", chosen]
+    assert gan_rows[4] == ["+ the learning-rate decay over the second half: the default", "5.50", "0.765",
+                           "0.432", chosen]
     assert gan_rows[6:] == [["the template's training, seed 1", "66.50", "0.765", "0.432", "seed study"],
                             ["the default, seed 1", "6.25", "0.765", "0.432", "seed study"]]
     nf = table_rows(generated / "select_nf.tex")
@@ -630,17 +633,17 @@ def test_the_choice_is_the_lowest_held_out_score_never_the_test_column(tmp_path)
     change("nf_lr_1e-3", lambda m: m["test"].update(bpd=0.5))
     numbers = make_numbers.write_all(results, tmp_path / "generated")
     assert (numbers["VaeSelectionChosen"], numbers["GanSelectionChosen"], numbers["NfSelectionChosen"]) == \
-        ("all four: the default", "+ the weight average of G: the default",
+        ("all four: the default", "+ the learning-rate decay over the second half: the default",
          "10 epochs, batch 256, lr 5e-4")
 
     change("vae_template_two_layers", lambda m: m["validation"].update(nll_importance=91.25))
-    change("gan_r1_ema_decay", lambda m: m["progress"][-1].update(fid=5.25))
+    change("gan_r1_ema", lambda m: m["progress"][-1].update(fid=5.25))
     change("nf_lr_1e-3", lambda m: m["curves"]["val_bpd"].append(1.7))
     numbers = make_numbers.write_all(results, tmp_path / "generated")
     assert (numbers["VaeSelectionChosen"], numbers["VaeSelectionIsDefault"]) == \
         ("+ a second hidden layer", "not the default")
     assert (numbers["GanSelectionChosen"], numbers["GanSelectionIsDefault"]) == \
-        ("+ the learning-rate decay over the second half", "not the default")
+        ("+ the weight average of G", "not the default")
     assert (numbers["NfSelectionChosen"], numbers["NfSelectionIsDefault"]) == \
         ("10 epochs, lr 1e-3 (the default's)", "the default")
     assert (numbers["NfSelectionBestLr"], numbers["NfSelectionBestBatchSize"],
@@ -650,7 +653,7 @@ def test_the_choice_is_the_lowest_held_out_score_never_the_test_column(tmp_path)
     # results/ablations.md makes the same choice with the same words.
     text = tables.write_ablation_table(results)
     assert "Chosen: `nf_lr_1e-3`, the default, on a run shortened to 10 epochs." in text
-    assert "Chosen: `gan_r1_ema_decay`, **not** the default" in text
+    assert "Chosen: `gan_r1_ema`, **not** the default" in text
 
 
 def test_seed_studies_do_not_compete(tmp_path):
@@ -661,7 +664,7 @@ def test_seed_studies_do_not_compete(tmp_path):
     seed_study["progress"][-1]["fid"] = 1.0
     write_json(path, seed_study)
     numbers = make_numbers.write_all(results, tmp_path / "generated")
-    assert numbers["GanSelectionChosen"] == "+ the weight average of G: the default"
+    assert numbers["GanSelectionChosen"] == "+ the learning-rate decay over the second half: the default"
     assert numbers["GanSelectionSeedSpread"] == "4.50"
     rows = table_rows(tmp_path / "generated" / "select_gan.tex")
     assert rows[-1] == ["the default, seed 1", "1.00", "0.765", "0.432", "seed study"]
@@ -1016,7 +1019,7 @@ def test_ablation_table_compares_each_run_with_what_its_entry_declares(tmp_path)
     assert lines[gan + 2].startswith("| run | what it measures |") and "| selection FID |" in lines[gan + 2]
     assert lines[gan + 4:gan + 8] == [
         "| `gan_batch_128` | a larger batch | batch_size=128, lr=0.0004, seed=42 | lr_decay_start=0.25 "
-        "(declared 1), r1_interval not recorded (declared 8), real_label=1 (no such setting now) | 8.50 | "
+        "(declared 0.5), r1_interval not recorded (declared 8), real_label=1 (no such setting now) | 8.50 | "
         "0.800 | 0.700 | 1.23 | **chosen** | 30.0 min | `abcdef1` |",
         "| `gan_default` | the default | seed=42 |  | 9.00 | 0.800 | 0.700 | 0.50 |  | 10.0 min | "
         "`0123456` |",
