@@ -343,10 +343,10 @@ def test_importance_weighted_bpd_with_one_sample_is_the_bound_and_more_samples_t
 
 def test_settings_default_and_the_templates():
     assert dataclasses.asdict(nf.DEFAULT) == {
-        "epochs": 40, "batch_size": 128, "lr": 1e-3, "warmup_epochs": 1, "cosine_decay": True, "clip": 100.0,
+        "epochs": 40, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 1, "cosine_decay": True, "clip": 100.0,
         "n_flows": 4, "n_hidden": 1024}
     assert harness.settings.differences(nf.TEMPLATE, nf.DEFAULT) == {
-        "warmup_epochs": 0, "cosine_decay": False, "clip": None}
+        "lr": 1e-3, "warmup_epochs": 0, "cosine_decay": False, "clip": None}
 
 
 def test_settings_build_the_model_they_name():
@@ -689,7 +689,7 @@ def test_smoke_run_writes_every_output_and_resuming_it_reproduces_the_numbers(sm
     group = saved["state"]["optimizer"]["param_groups"][0]
     # The last of 6 steps: 3 warm-up steps, then 2/3 of the way down the half cosine.
     assert group["fused"] and group["weight_decay"] == 0
-    assert group["lr"] == nf.get_lr(5, 3, settings) == pytest.approx(5e-4 / 4)
+    assert group["lr"] == nf.get_lr(5, 3, settings) == pytest.approx(settings.lr / 4)
 
     # The test bpd is the deterministic evaluation pass of the saved model over the test images.
     model = nf.build_model(settings)
