@@ -28,8 +28,9 @@ scores each run once, at the end, and is not read when choosing):
   by the FID against the selection reference (10,000 training images, evaluation.REFERENCES), with a
   second seed of the template and of the default for the spread.
 - Flow: the template's training, and the learning rate at the default batch (the template's 128)
-  and at batch 256, on shortened runs (10 epochs, the schedule compressed to them), chosen by the
-  validation bits/dim; the default trains in full.
+  and at batch 256, on shortened runs (10 epochs, the schedule compressed to them): a shortlist,
+  whose two best by the validation bits/dim then train in full (group "in full", with the default),
+  and the full runs' validation bits/dim chooses.
 - Beyond the assignment (``make extensions``): the VAE's flow length, planar K = 4 and 8, IAF K = 2
   and 4 (80 epochs each; K = 8 and K = 4 are the extension's own runs), chosen per posterior by the
   validation NLL; the learning rate of the convolutional and of the multi-scale flow (5e-4, 1e-3,

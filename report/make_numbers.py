@@ -41,7 +41,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,7 @@ TEMPLATE_ENTRIES = {"Vae": "vae_template", "Gan": "gan_template", "Nf": "nf_temp
 DEFAULT_ENTRIES = {"Vae": "vae_default", "Gan": "gan_default"}
 # The last column of a selection table, for the entries that do not compete.
 SEED_STUDY, NO_CANDIDATE, CHOSEN = "seed study", "not a candidate", r"\textbf{chosen}"
+TRAINED_IN_FULL = "trained in full"  # a shortened candidate whose settings also train in full
 # The runs of `make extensions`, each in results/extensions/<name>/ and known here as
 # "extensions/<name>": the VAE with the Gaussian posterior and planar and IAF flow posteriors (all
 # 80 epochs, the same K), and the flow with convolutional couplings and
@@ -232,6 +233,7 @@ NUMBERS = [
     *yardstick_numbers("Nf", "nf"),
     Number("NfBatchSize", "nf", setting("batch_size"), "int"),
     Number("NfLr", "nf", setting("lr"), "g"),
+    Number("NfTemplateLr", "nf_template", setting("lr"), "g"),
     Number("NfWarmup", "nf", setting("warmup_epochs"), "g"),
     Number("NfClip", "nf", setting("clip"), "g"),
     Number("NfTestBpd", "nf", ("test", "bpd"), "f3"),
@@ -569,12 +571,16 @@ class Selection:
     """One model's selection experiments: its ``entries`` (of experiments.py, in their order), the
     held-out ``scores`` of the candidates that have one ({name: score}, report.tables' definition), the
     ``chosen`` entry (the lowest score, None until every candidate has one) and whether that is the
-    script's default (``is_default``, None without a choice)."""
+    script's default (``is_default``, None without a choice). Where shortened runs shortlist the
+    settings that then train in full (report.tables.deciding_groups), the runs in full choose, and
+    ``shortlist`` holds the shortened candidates by their score, lowest first."""
 
     entries: tuple
     scores: dict
     chosen: object
     is_default: object
+    shortlist: tuple = ()
+    in_full: dict = field(default_factory=dict)  # {shortlisted name: the entry in full}
 
     def partner(self, entry):
         """The seed-42 entry that a seed study repeats with another seed (the same script, base and
@@ -593,10 +599,18 @@ def selections(metrics, declarations=experiments):
         runs = {entry.name: metrics.get(entry.name) for entry in entries}
         scores = tables.candidate_scores(script, entries, runs)
         candidates = [entry for entry in entries if entry.candidate]
-        best = tables.lowest(scores) if candidates and len(scores) == len(candidates) else None
+        deciding = tables.deciding_groups(entries)
+        final = {entry.name for entry in candidates if not deciding or entry.group in deciding}
+        done = candidates and len(scores) == len(candidates)
+        best = tables.lowest({name: scores[name] for name in final & scores.keys()}) if done else None
         entry = next((entry for entry in entries if entry.name == best), None)
-        chosen[script] = Selection(entries, scores, entry,
-                                   None if entry is None else tables.is_default(entry, declarations))
+        shortlist = tuple(sorted((entry for entry in candidates
+                                  if entry.name not in final and entry.name in scores),
+                                 key=lambda entry: scores[entry.name]))
+        is_default = None if entry is None else tables.is_default(entry, declarations)
+        in_full = {short.name: full for short in candidates
+                   if (full := tables.trained_in_full(short, entries, declarations)) is not None}
+        chosen[script] = Selection(entries, scores, entry, is_default, shortlist, in_full)
     return chosen
 
 
@@ -636,13 +650,23 @@ def selection_numbers(metrics, chosen):
     numbers["GanSelectionSeedSpread"] = (seed_spread(DEFAULT_ENTRIES["Gan"]), "f2")
     numbers["GanSelectionTemplateSeedSpread"] = (seed_spread(TEMPLATE_ENTRIES["Gan"]), "f2")
     numbers["NfSelectionTemplateValBpd"] = (score(experiments.NF, TEMPLATE_ENTRIES["Nf"]), "f3")
+    # The flow's shortened runs: the best two, and the best's run in full (its learning rate and its
+    # training curve's highest point after the first epoch, where a diverging run jumps).
     flow = chosen[experiments.NF]
-    best = flow.chosen.name if flow.chosen else None
+    best, second = ([entry.name for entry in flow.shortlist] + [None, None])[:2]
     numbers["NfSelectionBestLr"] = (lookup(metrics, best, "settings", "lr"), "g")
     numbers["NfSelectionBestBatchSize"] = (lookup(metrics, best, "settings", "batch_size"), "int")
     numbers["NfSelectionBestValBpd"] = (flow.scores.get(best), "f3")
+    numbers["NfSelectionSecondLr"] = (lookup(metrics, second, "settings", "lr"), "g")
+    numbers["NfSelectionSecondValBpd"] = (flow.scores.get(second), "f3")
     numbers["NfSelectionEpochs"] = (common_value(lookup(metrics, entry.name, "settings", "epochs")
-                                                 for entry in flow.entries if entry.candidate), "int")
+                                                 for entry in flow.shortlist), "int")
+    full = getattr(flow.in_full.get(best), "name", None)
+    numbers["NfSelectionBestInFullValBpd"] = (flow.scores.get(full), "f3")
+    curve = lookup(metrics, full, "curves", "train_bpd") or []
+    peak = max(range(1, len(curve)), key=curve.__getitem__, default=None)
+    numbers["NfSelectionBestInFullPeakEpoch"] = (None if peak is None else peak + 1, "int")
+    numbers["NfSelectionBestInFullPeakBpd"] = (None if peak is None else curve[peak], "int")
     return numbers
 
 
@@ -828,7 +852,8 @@ def selection_rows(metrics, selection):
         elif not entry.candidate:
             mark = NO_CANDIDATE
         else:
-            mark = CHOSEN if entry is selection.chosen else "" if run is not None else PLACEHOLDER
+            mark = CHOSEN if entry is selection.chosen else PLACEHOLDER if run is None else \
+                TRAINED_IN_FULL if entry.name in selection.in_full else ""
         measures = cells(run) if run is not None else [PLACEHOLDER] * width
         rows.append([latex_escape(entry.note), *measures, mark])
     return table(rows)

@@ -277,9 +277,10 @@ ABLATION_INTRO = (
     "where the settings the run recorded differ from those, as for runs made by older code. Each model's "
     "candidates are compared by a score on held-out data that is not the test set, and the lowest is "
     "chosen, within the group a sentence below its table names where a section has several (the flow "
-    "posteriors' lengths: planar against planar, IAF against IAF); seed studies and full-length runs do "
-    "not compete. The test column is measured once, at the "
-    "end of each run, and is not read when choosing. Training times compare only between runs on the "
+    "posteriors' lengths: planar against planar, IAF against IAF). Where shortened runs are a "
+    "shortlist (the RealNVP flow's), the best of them train in full, and the runs in full choose; "
+    "seed studies and the extensions' runs in full do not compete. The test column is measured once, at "
+    "the end of each run, and is not read when choosing. Training times compare only between runs on the "
     "same machine.")
 
 
@@ -414,14 +415,45 @@ def lowest(scores):
     return min(scores, key=scores.get) if scores else None
 
 
-def _verdict(chosen, members, declarations):
+def alike(first, second, declarations):
+    """Whether two entries train the same settings at the same seed, apart from the settings a candidate
+    changes without choosing them (``NOT_CHOSEN``: a shortened run, the test's K)."""
+    not_chosen = getattr(declarations, "NOT_CHOSEN", experiments.NOT_CHOSEN)
+    settings, other = declarations.expected_settings(first), declarations.expected_settings(second)
+    compared = (settings.keys() | other.keys()) - set(not_chosen)
+    return first.seed == second.seed and all(settings.get(name) == other.get(name) for name in compared)
+
+
+def deciding_groups(entries):
+    """The groups whose candidates choose a script's settings: those that hold a canonical candidate
+    (an entry with an ``out``, seed 42, that competes). Another group of the script that has candidates
+    is a shortlist: shortened runs whose best train in full in a deciding group."""
+    return {entry.group for entry in entries if entry.out and entry.seed == 42 and entry.candidate}
+
+
+def trained_in_full(entry, entries, declarations):
+    """The candidate of a deciding group (``deciding_groups``) that trains ``entry``'s settings in
+    full, when ``entry`` is on a shortlist (a candidate of another group); None otherwise."""
+    deciding = deciding_groups(entries)
+    if entry.group in deciding or not entry.candidate:
+        return None
+    return next((other for other in entries if other.group in deciding and other.candidate
+                 and alike(entry, other, declarations)), None)
+
+
+def _verdict(chosen, members, declarations, entries=()):
     """Whether the ``chosen`` candidate of a group (``members``) has the settings its script trains in
     full: those of the group's canonical run (its entry with an ``out``, seed 42) or, without one, the
     script's DEFAULT, apart from the settings a candidate changes without choosing them
-    (``NOT_CHOSEN``: a shortened run, the test's K)."""
+    (``NOT_CHOSEN``: a shortened run, the test's K). On a shortlist (see ``deciding_groups``; ``entries``
+    are all of the script's), whether it trains in full among the runs that choose."""
     not_chosen = getattr(declarations, "NOT_CHOSEN", experiments.NOT_CHOSEN)
     default = declarations.expected_settings(dataclasses.replace(chosen, overrides={}, base="default"))
     canonical = next((entry for entry in members if entry.out and entry.seed == 42), None)
+    if canonical is None and deciding_groups(entries):
+        in_full = trained_in_full(chosen, entries, declarations)
+        return (f"trained in full as `{in_full.name}`, where the runs in full choose" if in_full else
+                "**not** trained in full: the runs in full should have one of its settings")
     reference = default if canonical is None else declarations.expected_settings(canonical)
     settings = declarations.expected_settings(chosen)
     same = chosen.seed == 42 and all(settings.get(name) == reference.get(name)
@@ -444,8 +476,9 @@ def _groups(entries):
     return groups
 
 
-def _choice(script, group, members, runs, declarations):
-    """(the chosen candidate of a group or None, the sentence that says so)."""
+def _choice(script, group, members, runs, declarations, entries=()):
+    """(the chosen candidate of a group or None, the sentence that says so); ``entries``: all of the
+    script's."""
     scores = candidate_scores(script, members, runs)
     named = f" ({group})" if group else ""
     if not scores:
@@ -454,7 +487,8 @@ def _choice(script, group, members, runs, declarations):
     by_name = {entry.name: entry for entry in members}
     pending = [entry.name for entry in members if entry.candidate and runs[entry.name] is None]
     note = f" ({len(pending)} candidate{'s' if len(pending) > 1 else ''} not run yet)" if pending else ""
-    return chosen, f"Chosen{named}: `{chosen}`, {_verdict(by_name[chosen], members, declarations)}{note}."
+    verdict = _verdict(by_name[chosen], members, declarations, entries)
+    return chosen, f"Chosen{named}: `{chosen}`, {verdict}{note}."
 
 
 def selection_section(script, entries, runs, declarations):
@@ -463,7 +497,7 @@ def selection_section(script, entries, runs, declarations):
     title, _, _, columns, _ = SELECTIONS[script]
     groups = {group: members for group, members in _groups(entries).items()
               if any(entry.candidate for entry in members)}
-    choices = {group: _choice(script, group, members, runs, declarations)
+    choices = {group: _choice(script, group, members, runs, declarations, entries)
                for group, members in groups.items()}
     chosen = {name for name, _ in choices.values() if name is not None}
     rows = []
