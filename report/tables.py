@@ -378,14 +378,16 @@ ABLATION_COLUMNS = ("run", "what it measures", "declared: from its base, it sets
 TRAILING_COLUMNS = ("chosen", "train time", "commit")
 
 
-def ablation_cells(name, metrics, experiment, expected, score_cells, chosen=False):
+def ablation_cells(name, metrics, experiment, expected, score_cells, chosen=False, shortlisted=False):
     """One row: the run ``name`` of ``experiment`` (its ``metrics``, None before it has run), whose
-    settings should be ``expected``, with the ``score_cells`` cells of its scores."""
+    settings should be ``expected``, with the ``score_cells`` cells of its scores; ``chosen``: its
+    group's choice, ``shortlisted``: the best of a shortlist (see ``deciding_groups``)."""
     head = [f"`{name}`", experiment.note, declared(experiment),
             "n/a" if metrics is None else also_differs(metrics, experiment, expected)]
     if metrics is None:
         return [*head, "not run yet", *["n/a"] * (score_cells - 1 + len(TRAILING_COLUMNS))]
-    verdict = "**chosen**" if chosen else "" if experiment.candidate else "not a candidate"
+    verdict = "**best shortened run**" if shortlisted else "**chosen**" if chosen else \
+        "" if experiment.candidate else "not a candidate"
     return [*head, *SELECTIONS[metrics["script"]][4](metrics), verdict,
             _minutes(metrics["wall_time_s"], metrics["device"]), f"`{str(metrics['git_commit'])[:7]}`"]
 
@@ -450,7 +452,7 @@ def _verdict(chosen, members, declarations, entries=()):
     not_chosen = getattr(declarations, "NOT_CHOSEN", experiments.NOT_CHOSEN)
     default = declarations.expected_settings(dataclasses.replace(chosen, overrides={}, base="default"))
     canonical = next((entry for entry in members if entry.out and entry.seed == 42), None)
-    if canonical is None and deciding_groups(entries):
+    if canonical is None and _is_shortlist(members, entries):
         in_full = trained_in_full(chosen, entries, declarations)
         return (f"trained in full as `{in_full.name}`, where the runs in full choose" if in_full else
                 "**not** trained in full: the runs in full should have one of its settings")
@@ -488,7 +490,15 @@ def _choice(script, group, members, runs, declarations, entries=()):
     pending = [entry.name for entry in members if entry.candidate and runs[entry.name] is None]
     note = f" ({len(pending)} candidate{'s' if len(pending) > 1 else ''} not run yet)" if pending else ""
     verdict = _verdict(by_name[chosen], members, declarations, entries)
-    return chosen, f"Chosen{named}: `{chosen}`, {verdict}{note}."
+    heading = "Best shortened run" if _is_shortlist(members, entries) else "Chosen"
+    return chosen, f"{heading}{named}: `{chosen}`, {verdict}{note}."
+
+
+def _is_shortlist(members, entries):
+    """Whether a group (``members``) is a shortlist: it holds no canonical run while another group of
+    the script (``entries``) decides (``deciding_groups``)."""
+    deciding = deciding_groups(entries)
+    return bool(deciding) and not any(entry.out and entry.seed == 42 for entry in members)
 
 
 def selection_section(script, entries, runs, declarations):
@@ -500,11 +510,13 @@ def selection_section(script, entries, runs, declarations):
     choices = {group: _choice(script, group, members, runs, declarations, entries)
                for group, members in groups.items()}
     chosen = {name for name, _ in choices.values() if name is not None}
+    shortlisted = {choices[group][0] for group, members in groups.items() if _is_shortlist(members, entries)}
     rows = []
     for entry in entries:
         metrics = runs[entry.name]
         expected = declarations.expected_settings(entry) if metrics is not None else None
-        rows.append(ablation_cells(entry.name, metrics, entry, expected, len(columns), entry.name in chosen))
+        rows.append(ablation_cells(entry.name, metrics, entry, expected, len(columns), entry.name in chosen,
+                                   entry.name in shortlisted))
     lines = [f"## {title}: chosen by {SELECTIONS[script][1]}", "",
              *markdown_table((*ABLATION_COLUMNS, *columns, *TRAILING_COLUMNS), rows), ""]
     for _, sentence in choices.values():

@@ -664,7 +664,9 @@ def test_the_choice_is_the_lowest_held_out_score_never_the_test_column(tmp_path)
     assert [row[-1] for row in vae] == ["", make_numbers.CHOSEN] + [""] * 8
     # results/ablations.md makes the same choice with the same words.
     text = tables.write_ablation_table(results)
-    assert "Chosen: `nf_batch_256_lr_5e-4`, **not** trained in full: the runs in full should" in text
+    assert "Best shortened run: `nf_batch_256_lr_5e-4`, **not** trained in full: the runs in full" in text
+    # One choice per group (VAE, GAN, the flow's runs in full, planar, IAF), and the shortlist's best.
+    assert text.count("| **chosen** |") == 5 and text.count("| **best shortened run** |") == 1
     assert "Chosen (in full): `nf_lr_1e-3_in_full`, **not** the default" in text
     assert "Chosen: `gan_r1_ema`, **not** the default" in text
 
